@@ -1,0 +1,15 @@
+"""Paged KV storage: the block pool, the per-layer cache tensors and per-sequence block tables."""
+
+from dengine.kv.block_pool import BlockPool, NoFreeBlocksError
+from dengine.kv.kv_cache import PagedKVCache, available_memory_bytes, resolve_memory_budget
+from dengine.kv.manager import KVCacheManager, RequestTooLargeError
+
+__all__ = [
+    "BlockPool",
+    "KVCacheManager",
+    "NoFreeBlocksError",
+    "PagedKVCache",
+    "RequestTooLargeError",
+    "available_memory_bytes",
+    "resolve_memory_budget",
+]

@@ -1,0 +1,85 @@
+"""The paged K/V tensors, one pair per layer, sized from a memory budget."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dengine.config import ModelConfig
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on device: CUDA's free bytes, or the host's MemAvailable on CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_memory_budget(kv_cache_memory: int | float, device: torch.device) -> int:
+    """Bytes for the KV pool: an int is bytes, a float in (0, 1] a fraction of free device memory."""
+    if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, float)):
+        raise ValueError(f"kv_cache_memory must be bytes (int) or a fraction (float), got {kv_cache_memory!r}")
+    if isinstance(kv_cache_memory, float):
+        if not 0.0 < kv_cache_memory <= 1.0:
+            raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {kv_cache_memory}")
+        return int(available_memory_bytes(device) * kv_cache_memory)
+    if kv_cache_memory <= 0:
+        raise ValueError(f"kv_cache_memory must be positive, got {kv_cache_memory}")
+    return kv_cache_memory
+
+
+class PagedKVCache:
+    """key[layer] and value[layer]: [num_blocks, block_size, kv_heads, head_dim] each.
+
+    Keys are stored after RoPE: positions are absolute canvas indices, so a cached key stays valid
+    until its own position is recomputed.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.key = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.value = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """K and V of every layer for block_size tokens."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * block_size * config.kv_dim * element
+
+    @classmethod
+    def num_blocks_for_budget(
+        cls, config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int
+    ) -> int:
+        """How many blocks budget_bytes holds; at least one, or a clear error."""
+        per_block = cls.bytes_per_block(config, block_size, dtype)
+        num_blocks = budget_bytes // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory of {budget_bytes} bytes holds no KV block "
+                f"(one block of {block_size} tokens needs {per_block} bytes)"
+            )
+        return num_blocks
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Overwrite the cached K/V of the computed rows; slot = block * block_size + offset."""
+        kv_heads, head_dim = key.shape[-2:]
+        self.key[layer].view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+        self.value[layer].view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, value)

@@ -1,0 +1,1 @@
+"""Continuous-batching scheduler: waiting and running queues, admission and per-step batches."""

@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dengine",
+    version="0.1.0",
+    description="A serving engine for diffusion language models (LLaDA, Dream) with approximate KV caching",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dengine", "dengine.*"]),
+    install_requires=[
+        "torch>=2.5",
+        "transformers>=5.0",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "msgspec>=0.18",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
+        "serve": ["ray[serve]>=2.30"],
+        "test": ["pytest>=8"],
+    },
+)

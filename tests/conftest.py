@@ -1,0 +1,32 @@
+"""Shared fixtures: a fresh random seed per run (reported, and settable with DENGINE_TEST_SEED)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SEED = int(os.environ.get("DENGINE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"dengine test seed: {SEED} (rerun with DENGINE_TEST_SEED={SEED})"
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A per-test seed derived from the run's seed, so every run draws fresh random inputs."""
+    value = (SEED + sum(map(ord, request.node.nodeid))) % 2**31
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))

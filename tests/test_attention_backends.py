@@ -1,0 +1,77 @@
+"""Backend selection everywhere; the GPU backends against the torch backend when CUDA is present."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+
+from checkpoints import VOCAB, write_checkpoint
+from dengine import ModelRunner, PagedKVCache, SequenceQuery, load_model
+from dengine.attention import available_backends, select_backend
+
+CUDA = torch.cuda.is_available()
+
+
+def test_cpu_selects_torch_and_rejects_gpu_backends():
+    assert select_backend("cpu").name == "torch"
+    assert available_backends(torch.device("cpu")) == ["torch"]
+    with pytest.raises(ValueError, match="unknown"):
+        select_backend("cpu", "flashinfer")
+    for name in ("flash-attn", "xformers"):
+        with pytest.raises(ValueError, match="cannot run on cpu"):
+            select_backend("cpu", name)
+
+
+def _gpu_backend_params():
+    params = []
+    for name, module in (("flash-attn", "flash_attn"), ("xformers", "xformers")):
+        reason = None
+        if not CUDA:
+            reason = "needs CUDA (none on this machine)"
+        elif importlib.util.find_spec(module) is None:
+            reason = f"needs {module} installed (pip install dengine[gpu])"
+        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=reason or "")))
+    return params
+
+
+@pytest.mark.parametrize("backend_name", _gpu_backend_params())
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_gpu_backend_matches_torch_backend(tmp_path, seed, backend_name, family, block_size):
+    """Same ragged partial step through the GPU backend and the torch backend, both on CUDA in bf16."""
+    folder, _ = write_checkpoint(tmp_path, family, seed=seed, hidden=128, heads=4, layers=2)
+    model = load_model(folder, dtype="bfloat16", device="cuda")
+    rng = random.Random(seed)
+    lengths = [rng.randint(5, 300) for _ in range(3)]
+    canvases = [torch.randint(0, VOCAB, (n,)) for n in lengths]
+    blocks = list(range(sum(-(-n // block_size) for n in lengths) + 4))
+    rng.shuffle(blocks)
+    tables = [[blocks.pop() for _ in range(-(-n // block_size))] for n in lengths]
+    results = {}
+    for name in (backend_name, "torch"):
+        cache = PagedKVCache(model.config, max(max(t) for t in tables) + 1, block_size, torch.bfloat16, "cuda")
+        runner = ModelRunner(model, cache, select_backend("cuda", name))
+        runner.run([SequenceQuery(c, t, torch.arange(c.numel())) for c, t in zip(canvases, tables)])
+        partial = [
+            SequenceQuery(c, t, torch.tensor(sorted(random.Random(seed + i).sample(range(c.numel()), min(20, c.numel())))))
+            for i, (c, t) in enumerate(zip(canvases, tables))
+        ]
+        results[name] = [out.float().cpu() for out in runner.run(partial)]
+    for got, ref in zip(results[backend_name], results["torch"]):
+        assert (got - ref).abs().max() / ref.abs().max() < 2e-2
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (none on this machine)")
+def test_cuda_torch_backend_matches_cpu_fp32(tmp_path, seed):
+    folder, _ = write_checkpoint(tmp_path, "dream", seed=seed)
+    tokens = torch.randint(0, VOCAB, (50,))
+    outs = []
+    for device in ("cpu", "cuda"):
+        model = load_model(folder, dtype="float32", device=device)
+        runner = ModelRunner(model, PagedKVCache(model.config, 8, 8, torch.float32, device))
+        outs.append(runner.run([SequenceQuery(tokens, list(range(7)), torch.arange(50))])[0].cpu())
+    assert torch.allclose(outs[0], outs[1], rtol=1e-3, atol=1e-3)
