@@ -108,3 +108,17 @@ def check_tokenizer_matches(config: ModelConfig, tokenizer: PreTrainedTokenizerB
             raise CheckpointError(
                 f"{path}: the tokenizer's {role} has id {tokenizer_id} but config.json says {config_id}"
             )
+
+
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase | None) -> int | None:
+    """The chat end-of-turn token (LLaDA's <|eot_id|>, Dream's <|im_end|>), if the tokenizer has one."""
+    if tokenizer is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            return vocab[token]
+    return None

@@ -33,7 +33,8 @@ def tiny_config(family: str, layers: int = 2, hidden: int = 64, heads: int = 4, 
     return raw
 
 
-def real_state_dict(family: str, raw: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def real_state_dict(family: str, raw: dict, generator: torch.Generator, head_scale: float = 1.0,
+                    attn_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Random weights under the family's real tensor names (written out independently of dengine)."""
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * (0.5 / shape[-1] ** 0.5 if len(shape) > 1 else 0.1)
@@ -47,12 +48,12 @@ def real_state_dict(family: str, raw: dict, generator: torch.Generator) -> dict[
         kv = raw["n_kv_heads"] * (d // heads)
         sd["model.transformer.wte.weight"] = torch.randn(VOCAB, d, generator=generator)
         sd["model.transformer.ln_f.weight"] = norm(d)
-        sd["model.transformer.ff_out.weight"] = rand(VOCAB, d)
+        sd["model.transformer.ff_out.weight"] = rand(VOCAB, d) * head_scale
         for i in range(n):
             p = f"model.transformer.blocks.{i}."
             sd[p + "attn_norm.weight"] = norm(d)
-            sd[p + "q_proj.weight"] = rand(d, d)
-            sd[p + "k_proj.weight"] = rand(kv, d)
+            sd[p + "q_proj.weight"] = rand(d, d) * attn_scale
+            sd[p + "k_proj.weight"] = rand(kv, d) * attn_scale
             sd[p + "v_proj.weight"] = rand(kv, d)
             sd[p + "attn_out.weight"] = rand(d, d)
             sd[p + "ff_norm.weight"] = norm(d)
@@ -64,13 +65,13 @@ def real_state_dict(family: str, raw: dict, generator: torch.Generator) -> dict[
         kv = raw["num_key_value_heads"] * (d // heads)
         sd["model.embed_tokens.weight"] = torch.randn(VOCAB, d, generator=generator)
         sd["model.norm.weight"] = norm(d)
-        sd["lm_head.weight"] = rand(VOCAB, d)
+        sd["lm_head.weight"] = rand(VOCAB, d) * head_scale
         for i in range(n):
             p = f"model.layers.{i}."
             sd[p + "input_layernorm.weight"] = norm(d)
             sd[p + "post_attention_layernorm.weight"] = norm(d)
-            for name, rows in (("q_proj", d), ("k_proj", kv), ("v_proj", kv)):
-                sd[p + f"self_attn.{name}.weight"] = rand(rows, d)
+            for name, rows, scale in (("q_proj", d, attn_scale), ("k_proj", kv, attn_scale), ("v_proj", kv, 1.0)):
+                sd[p + f"self_attn.{name}.weight"] = rand(rows, d) * scale
                 sd[p + f"self_attn.{name}.bias"] = rand(rows)
             sd[p + "self_attn.o_proj.weight"] = rand(d, d)
             sd[p + "mlp.gate_proj.weight"] = rand(h, d)
@@ -80,7 +81,7 @@ def real_state_dict(family: str, raw: dict, generator: torch.Generator) -> dict[
 
 
 def write_checkpoint(folder: Path, family: str, seed: int, shards: int = 2, dtype: torch.dtype = torch.float32,
-                     **sizes) -> tuple[Path, dict[str, torch.Tensor]]:
+                     head_scale: float = 1.0, attn_scale: float = 1.0, **sizes) -> tuple[Path, dict[str, torch.Tensor]]:
     """Write config, generation config and weights (sharded via an index when shards > 1)."""
     folder.mkdir(parents=True, exist_ok=True)
     raw = tiny_config(family, **sizes)
@@ -88,9 +89,8 @@ def write_checkpoint(folder: Path, family: str, seed: int, shards: int = 2, dtyp
     shutil.copy(REAL[family] / "generation_config.json", folder / "generation_config.json")
     if family == "llada":
         (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID}))
-    sd = real_state_dict(family, raw, torch.Generator().manual_seed(seed))
+    sd = real_state_dict(family, raw, torch.Generator().manual_seed(seed), head_scale, attn_scale)
     names = list(sd)
-    torch.Generator().manual_seed(seed + 1)
     if shards == 1:
         save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, folder / "model.safetensors")
         return folder, sd
@@ -153,3 +153,25 @@ def hf_bidirectional_logits(oracle: torch.nn.Module, tokens: torch.Tensor) -> to
     mask = torch.ones(1, 1, t, t, dtype=torch.bool)
     with torch.no_grad():
         return oracle(input_ids=tokens[None], attention_mask=mask).logits[0]
+
+
+LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<|mdm_mask|>"]
+
+
+def write_llada_tokenizer(folder: Path, corpus: list[str], vocab_size: int) -> dict[str, int]:
+    """A byte-level BPE tokenizer.json with LLaDA's special tokens and LLaDA's real tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLADA_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = json.loads((REAL["llada"] / "tokenizer_config.json").read_text())
+    for key in ("added_tokens_decoder", "additional_special_tokens", "cls_token"):
+        config.pop(key)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return {token: tokenizer.token_to_id(token) for token in LLADA_SPECIALS}

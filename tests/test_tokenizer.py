@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import REAL
+from checkpoints import REAL, write_llada_tokenizer
 from dengine import CheckpointError, load_tokenizer, read_model_config
 from dengine.tokenizer import check_tokenizer_matches
 
@@ -50,22 +50,8 @@ def test_real_dream_chat_template(dream_tokenizer):
 
 
 def _llada_style_folder(folder: Path) -> Path:
-    """A small byte-level BPE tokenizer.json with LLaDA's special tokens, plus LLaDA's real tokenizer_config."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    specials = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|mdm_mask|>"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(TEXTS * 20, trainer)
     folder.mkdir(parents=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    config = json.loads((REAL["llada"] / "tokenizer_config.json").read_text())
-    config.pop("added_tokens_decoder")
-    config.pop("additional_special_tokens")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    shutil.copy(REAL["llada"] / "special_tokens_map.json", folder / "special_tokens_map.json")
+    write_llada_tokenizer(folder, TEXTS * 20, vocab_size=400)
     return folder
 
 

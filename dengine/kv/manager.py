@@ -37,17 +37,18 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def check_fits(self, num_tokens: int) -> None:
-        """Raise RequestTooLargeError if num_tokens could not fit even in an empty pool."""
-        if self.blocks_needed(num_tokens) > self.pool.num_blocks:
+    def check_fits(self, num_tokens: int, copies: int = 1) -> None:
+        """Raise RequestTooLargeError if copies canvases of num_tokens could not fit even in an empty pool."""
+        needed = copies * self.blocks_needed(num_tokens)
+        if needed > self.pool.num_blocks:
+            what = f"{copies} canvases of {num_tokens} tokens" if copies > 1 else f"a canvas of {num_tokens} tokens"
             raise RequestTooLargeError(
-                f"a canvas of {num_tokens} tokens needs {self.blocks_needed(num_tokens)} KV blocks of "
-                f"{self.block_size} tokens but the whole pool has {self.pool.num_blocks} "
-                f"({self.capacity_tokens} tokens); raise kv_cache_memory or shorten the request"
+                f"{what} needs {needed} KV blocks of {self.block_size} tokens but the whole pool has "
+                f"{self.pool.num_blocks} ({self.capacity_tokens} tokens); raise kv_cache_memory or shorten the request"
             )
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_needed(num_tokens) <= self.pool.num_free_blocks
+    def can_allocate(self, num_tokens: int, copies: int = 1) -> bool:
+        return copies * self.blocks_needed(num_tokens) <= self.pool.num_free_blocks
 
     def allocate(self, seq_id: Hashable, num_tokens: int) -> list[int]:
         """Reserve blocks for a canvas of num_tokens and return the sequence's block table."""

@@ -27,6 +27,7 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
     "half": torch.float16,
+    "float64": torch.float64,  # for exactness checks; never fast
 }
 
 
@@ -34,7 +35,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """torch dtype from a name such as "bfloat16" or "float32"."""
     if isinstance(dtype, torch.dtype):
         if dtype not in set(_DTYPES.values()):
-            raise ValueError(f"dtype {dtype} is not supported; use bfloat16, float16 or float32")
+            raise ValueError(f"dtype {dtype} is not supported; use bfloat16, float16, float32 or float64")
         return dtype
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")

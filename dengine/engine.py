@@ -1,0 +1,226 @@
+"""LLMEngine: requests in, one ragged forward per step, outputs out. The async server drives it."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dengine.attention import select_backend
+from dengine.kv.kv_cache import PagedKVCache, resolve_memory_budget
+from dengine.kv.manager import KVCacheManager
+from dengine.kv.policies import make_policy, policy_class
+from dengine.model_runner import ModelRunner
+from dengine.models.loader import load_model
+from dengine.outputs import RequestMetrics, RequestOutput
+from dengine.sampling_params import SamplingParams
+from dengine.scheduler.scheduler import Scheduler
+from dengine.scheduler.sequence import Sequence, SequenceStatus
+from dengine.tokenizer import check_tokenizer_matches, end_of_turn_id, load_tokenizer
+
+# A prompt is text, or a dict with "prompt_token_ids" (as in vLLM) or "prompt".
+PromptType = str | dict[str, Any]
+
+DEFAULT_CPU_KV_FRACTION = 0.2
+DEFAULT_CUDA_KV_FRACTION = 0.8
+
+
+class LLMEngine:
+    """Owns the model, tokenizer, KV pool, scheduler and runner; steps all running requests at once."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device | None = None,
+        cache_policy: str = "none",
+        cache_config: dict[str, Any] | None = None,
+        kv_cache_memory: int | float | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 16384,
+        block_size: int = 16,
+        seed: int = 0,
+        attention_backend: str = "auto",
+        skip_tokenizer_init: bool = False,
+    ) -> None:
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        policy_class(cache_policy).parse_options(cache_config)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        backend = select_backend(self.device, attention_backend)
+        self.model_path = Path(model)
+        self.model = load_model(self.model_path, dtype=dtype, device=self.device)
+        self.config = self.model.config
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.model_path)
+        if self.tokenizer is not None:
+            check_tokenizer_matches(self.config, self.tokenizer, self.model_path)
+        self.eot_token_id = end_of_turn_id(self.tokenizer)
+        self.cache_policy = cache_policy
+        self.cache_config = cache_config
+        self.seed = seed
+
+        dtype_ = next(self.model.parameters()).dtype
+        if kv_cache_memory is None:
+            kv_cache_memory = DEFAULT_CUDA_KV_FRACTION if self.device.type == "cuda" else DEFAULT_CPU_KV_FRACTION
+        budget = resolve_memory_budget(kv_cache_memory, self.device)
+        num_blocks = PagedKVCache.num_blocks_for_budget(self.config, block_size, dtype_, budget)
+        self.kv_manager = KVCacheManager(num_blocks, block_size)
+        self.kv_cache = PagedKVCache(self.config, num_blocks, block_size, dtype_, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, backend)
+        self.scheduler = Scheduler(self.kv_manager, max_num_seqs, max_num_batched_tokens)
+        self._counter = itertools.count()
+        self._ids: set[Hashable] = set()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def prompt_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Text and token ids of a prompt, validated against the model's vocabulary."""
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown or len(prompt) != 1:
+                raise ValueError("a dict prompt needs exactly one of 'prompt' or 'prompt_token_ids'")
+            if "prompt" in prompt:
+                return self.prompt_token_ids(prompt["prompt"])
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+            text = None
+            ids = list(ids)
+        elif isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"{self.model_path} has no tokenizer (or skip_tokenizer_init=True): "
+                    "pass {'prompt_token_ids': [...]} instead of text"
+                )
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            raise ValueError(f"a prompt is a string or a dict, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return text, ids
+
+    def make_sequence(
+        self, request_id: Hashable, prompt: PromptType, params: SamplingParams | None = None
+    ) -> Sequence:
+        """Validate a request completely and build its Sequence, without queuing anything."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params.check_family(self.config.model_type)
+        text, ids = self.prompt_token_ids(prompt)
+        total = len(ids) + params.gen_length
+        if total > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + gen_length ({params.gen_length}) = {total} exceeds the model's "
+                f"maximum of {self.config.max_position_embeddings} positions"
+            )
+        name = params.cache_policy or self.cache_policy
+        if params.cache_config is not None:
+            config = params.cache_config
+        else:
+            config = self.cache_config if name == self.cache_policy else None
+        policy = make_policy(name, config)
+        seed = params.seed if params.seed is not None else self.seed * 1_000_003 + next(self._counter)
+        seq = Sequence(request_id, ids, params, self.config, policy, self.eot_token_id, seed, prompt=text)
+        self.scheduler.check_admissible(seq)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self._ids:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.scheduler.add(seq)
+        self._ids.add(seq.request_id)
+
+    def add_request(self, request_id: Hashable, prompt: PromptType, params: SamplingParams | None = None) -> None:
+        """Validate and queue one request; raises ValueError (nothing queued) for bad input."""
+        self.add_sequence(self.make_sequence(request_id, prompt, params))
+
+    def abort_request(self, request_id: Hashable) -> RequestOutput | None:
+        """Stop a request and free its KV blocks; returns its partial output, None if unknown."""
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return None
+        self._ids.discard(request_id)
+        seq.metrics.finished_time = time.perf_counter()
+        return self.output(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # -- stepping ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One ragged forward over every scheduled sequence; returns the requests finished by it."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        now = time.perf_counter()
+        flat = [query for queries in out.queries for query in queries]
+        logits = self.runner.run(flat)
+        offset = 0
+        for seq, queries in zip(out.sequences, out.queries):
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = now
+            seq.apply(queries, logits[offset : offset + len(queries)])
+            offset += len(queries)
+        finished = self.scheduler.postprocess(out)
+        for seq in finished:
+            self._ids.discard(seq.request_id)
+        return [self.output(seq) for seq in finished]
+
+    # -- outputs ----------------------------------------------------------------------------------
+
+    def decode_text(self, token_ids: list[int]) -> str | None:
+        """Text up to the first EOS / end-of-turn, special tokens skipped (None without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        stops = {self.config.eos_token_id, self.eot_token_id}
+        end = next((i for i, token in enumerate(token_ids) if token in stops), len(token_ids))
+        return self.tokenizer.decode(token_ids[:end], skip_special_tokens=True)
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        m = seq.metrics
+        end = m.finished_time or time.perf_counter()
+        steps = max(m.steps, 1)
+        token_ids = seq.generated_token_ids()
+        if seq.status is SequenceStatus.ABORTED:
+            reason = "abort"
+        else:
+            reason = "eos" if seq.stopped_at is not None else "length"
+        return RequestOutput(
+            request_id=str(seq.request_id),
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=token_ids,
+            text=self.decode_text(token_ids),
+            finished=seq.status is SequenceStatus.FINISHED,
+            finish_reason=reason,
+            metrics=RequestMetrics(
+                cache_policy=seq.policy.name,
+                nfe=m.steps,
+                full_recomputes=m.full_recomputes,
+                full_recompute_rate=m.full_recomputes / steps,
+                query_tokens=m.query_tokens,
+                avg_query_tokens=m.query_tokens / steps,
+                committed_tokens=m.committed_tokens,
+                tokens_per_forward=m.committed_tokens / steps,
+                latency_s=end - m.arrival_time,
+                queue_s=(m.first_scheduled_time or end) - m.arrival_time,
+                first_block_s=None if m.first_block_time is None else m.first_block_time - m.arrival_time,
+                decision_seconds=m.decision_seconds,
+                stopped_early=seq.stopped_at is not None,
+            ),
+        )

@@ -1,0 +1,44 @@
+"""The cache-policy interface: what to compute next step, and what to learn from this step."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
+import torch
+
+if TYPE_CHECKING:
+    from dengine.decoding import StepOutcome
+    from dengine.scheduler.sequence import Sequence
+
+
+class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """A policy without options."""
+
+
+class CachePolicy:
+    """One instance per sequence. plan() must not change state: a deferred step is planned again."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+    # Dream only: a refresh step at a block start commits exactly the block's first position, so that
+    # later windows starting at the block start never need the output at block_start - 1.
+    commits_block_head_at_refresh: ClassVar[bool] = False
+
+    def __init__(self, options: msgspec.Struct) -> None:
+        self.options = options
+
+    @classmethod
+    def parse_options(cls, config: dict[str, Any] | None) -> msgspec.Struct:
+        """Validate a cache_config dict into the policy's options, naming the bad key or value."""
+        try:
+            return msgspec.convert(config or {}, cls.Options)
+        except (msgspec.ValidationError, ValueError) as exc:
+            raise ValueError(f"cache_config for policy {cls.name!r}: {exc}") from None
+
+    def plan(self, seq: Sequence) -> torch.Tensor | None:
+        """Positions to recompute this step (None: all). The engine adds the positions it must score."""
+        raise NotImplementedError
+
+    def observe(self, seq: Sequence, outcome: StepOutcome, full: bool) -> None:
+        """Learn from the step just applied (its commits and whether it was a full recompute)."""

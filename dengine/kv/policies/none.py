@@ -1,0 +1,12 @@
+"""Policy "none": exact decoding, a full recompute every step."""
+
+from __future__ import annotations
+
+from dengine.kv.policies.base import CachePolicy
+
+
+class NoCache(CachePolicy):
+    name = "none"
+
+    def plan(self, seq) -> None:
+        return None

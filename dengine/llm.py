@@ -1,0 +1,97 @@
+"""The offline API: LLM(model=...).generate(prompts) and .chat(conversations)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence as SequenceABC
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from dengine.engine import LLMEngine, PromptType
+from dengine.outputs import RequestOutput
+from dengine.sampling_params import SamplingParams
+
+Message = dict[str, str]
+
+
+class LLM:
+    """A thin layer over LLMEngine: submit a batch, step until done, return outputs in order."""
+
+    def __init__(self, model: str | Path, **engine_kwargs: Any) -> None:
+        self.engine = LLMEngine(model, **engine_kwargs)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Decode every prompt; outputs come back in prompt order. Bad input raises before any work."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"{len(params_list)} sampling_params for {len(prompts)} prompts")
+        batch = uuid.uuid4().hex[:8]
+        sequences = []
+        for index, (prompt, params) in enumerate(zip(prompts, params_list)):
+            try:
+                sequences.append(self.engine.make_sequence(f"{batch}-{index}", prompt, params))
+            except ValueError as exc:
+                raise type(exc)(f"prompt {index}: {exc}") from None
+        return self._run(sequences, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or tokenizer.chat_template is None:
+            raise ValueError(f"{self.engine.model_path} has no tokenizer with a chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for index, conversation in enumerate(conversations):
+            if not conversation or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
+                raise ValueError(f"conversation {index}: expected a non-empty list of {{'role', 'content'}} dicts")
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            prompts.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, sequences: list, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        order = {seq.request_id: i for i, seq in enumerate(sequences)}
+        results: list[RequestOutput | None] = [None] * len(sequences)
+        bar = tqdm(total=len(sequences), desc="generate", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        start, committed = time.perf_counter(), 0
+        try:
+            for seq in sequences:
+                engine.add_sequence(seq)
+            while any(r is None for r in results):
+                for output in engine.step():
+                    index = order.get(output.request_id)
+                    if index is not None:
+                        results[index] = output
+                        committed += len(output.token_ids)
+                        bar.update(1)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix_str(f"{committed / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+        except BaseException:
+            for seq in sequences:
+                engine.abort_request(seq.request_id)
+            raise
+        finally:
+            bar.close()
+        return results  # type: ignore[return-value]

@@ -1,0 +1,191 @@
+"""One request's decoding state: its canvas, current block, cache policy, sampler and metrics."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Hashable
+
+import torch
+
+from dengine.config import ModelConfig
+from dengine.decoding import Decoder, StepOutcome
+from dengine.kv.policies.base import CachePolicy
+from dengine.model_runner import SequenceQuery
+from dengine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+class StepMetrics:
+    """Counters a request accumulates; RequestMetrics is their public, immutable form."""
+
+    def __init__(self, arrival_time: float) -> None:
+        self.arrival_time = arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_block_time: float | None = None
+        self.finished_time: float | None = None
+        self.steps = 0
+        self.full_recomputes = 0
+        self.query_tokens = 0
+        self.committed_tokens = 0
+        self.decision_seconds = 0.0
+
+
+class Sequence:
+    """prompt + [MASK] * gen_length, decoded block by block; CFG adds an unconditional twin canvas."""
+
+    def __init__(
+        self,
+        request_id: Hashable,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        config: ModelConfig,
+        policy: CachePolicy,
+        eot_token_id: int | None,
+        seed: int,
+        prompt: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.policy = policy
+        self.mask_id = config.mask_token_id
+        self.eos_id = config.eos_token_id
+        self.eot_id = eot_token_id
+        self.logit_shift = config.logit_shift
+        self.is_dream = config.model_type == "dream"
+        self.prompt_len = len(prompt_token_ids)
+        self.num_tokens = self.prompt_len + params.gen_length
+        self.canvas = torch.full((self.num_tokens,), self.mask_id, dtype=torch.long)
+        self.canvas[: self.prompt_len] = torch.tensor(prompt_token_ids, dtype=torch.long)
+        # Classifier-free guidance: the same canvas with the prompt masked, decoded in lockstep.
+        self.uncond_canvas = None
+        if params.cfg_scale > 0:
+            self.uncond_canvas = self.canvas.clone()
+            self.uncond_canvas[: self.prompt_len] = self.mask_id
+        self.block_tables: list[list[int]] = []
+        self.status = SequenceStatus.WAITING
+        self.block_index = 0
+        self.block_step = 0
+        self.decoder = Decoder(
+            params, config.model_type, self.mask_id, self.eos_id, eot_token_id, torch.Generator().manual_seed(seed)
+        )
+        self.decoder.start_block(params.resolved_block_length)
+        self.metrics = StepMetrics(time.perf_counter())
+        self.stopped_at: int | None = None  # canvas index of the EOS that ended the request early
+
+    # -- geometry ---------------------------------------------------------------------------------
+
+    @property
+    def num_branches(self) -> int:
+        return 1 if self.uncond_canvas is None else 2
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV slots this sequence reserves (CFG doubles them)."""
+        return self.num_tokens * self.num_branches
+
+    @property
+    def block_start(self) -> int:
+        return self.prompt_len + self.block_index * self.params.resolved_block_length
+
+    @property
+    def block_end(self) -> int:
+        return self.block_start + self.params.resolved_block_length
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (SequenceStatus.FINISHED, SequenceStatus.ABORTED)
+
+    def masked_in_block(self) -> torch.Tensor:
+        """Still-masked positions of the current block, ascending: the step's commit candidates."""
+        block = self.canvas[self.block_start : self.block_end]
+        return (block == self.mask_id).nonzero().flatten() + self.block_start
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def plan(self) -> list[SequenceQuery]:
+        """This step's query sets (one per branch); pure, so a deferred step can be planned again."""
+        candidates = self.masked_in_block()
+        scored = (candidates - self.logit_shift).clamp_min(0)
+        start = time.perf_counter()
+        chosen = self.policy.plan(self)
+        self.metrics.decision_seconds += time.perf_counter() - start
+        if chosen is None:
+            query = torch.arange(self.num_tokens)
+        else:
+            query = torch.cat([chosen, scored]).unique()
+        canvases = [self.canvas] if self.uncond_canvas is None else [self.canvas, self.uncond_canvas]
+        return [
+            SequenceQuery(canvas, table, query, logits_positions=scored)
+            for canvas, table in zip(canvases, self.block_tables)
+        ]
+
+    def apply(self, queries: list[SequenceQuery], logits: list[torch.Tensor]) -> StepOutcome:
+        """Commit from this step's logits, let the policy learn, and advance blocks."""
+        rows = logits[0]
+        if self.uncond_canvas is not None:
+            cond, uncond = logits
+            rows = uncond + (self.params.cfg_scale + 1) * (cond - uncond)
+        candidates = self.masked_in_block()
+        full = queries[0].query_positions.numel() == self.num_tokens
+        head_only = (
+            self.is_dream
+            and full
+            and self.block_step == 0
+            and self.policy.commits_block_head_at_refresh
+            and (self.params.parallel or self.params.steps_per_block > 1)
+        )
+        outcome = self.decoder.step(candidates, rows, self.block_step, head_only)
+        self.canvas[outcome.positions] = outcome.tokens
+        if self.uncond_canvas is not None:
+            self.uncond_canvas[outcome.positions] = outcome.tokens
+
+        m = self.metrics
+        m.steps += 1
+        m.full_recomputes += int(full)
+        m.query_tokens += sum(q.query_positions.numel() for q in queries)
+        m.committed_tokens += outcome.positions.numel()
+        start = time.perf_counter()
+        self.policy.observe(self, outcome, full)
+        m.decision_seconds += time.perf_counter() - start
+
+        self.block_step += 1
+        if self.params.stop_at_eos and self._answer_is_fixed():
+            self.status = SequenceStatus.FINISHED
+        elif not bool((self.canvas[self.block_start : self.block_end] == self.mask_id).any()):
+            if m.first_block_time is None:
+                m.first_block_time = time.perf_counter()
+            self.block_index += 1
+            self.block_step = 0
+            if self.block_index == self.params.num_blocks:
+                self.status = SequenceStatus.FINISHED
+            else:
+                self.decoder.start_block(int((self.canvas[self.block_start : self.block_end] == self.mask_id).sum()))
+        if self.is_finished:
+            m.finished_time = time.perf_counter()
+        return outcome
+
+    def _answer_is_fixed(self) -> bool:
+        """True once an EOS is committed with every generated position before it committed."""
+        generated = self.canvas[self.prompt_len :]
+        eos = (generated == self.eos_id).nonzero()
+        if eos.numel() == 0:
+            return False
+        first = int(eos[0])
+        if bool((generated[:first] == self.mask_id).any()):
+            return False
+        self.stopped_at = self.prompt_len + first
+        return True
+
+    def generated_token_ids(self) -> list[int]:
+        """The generation region; after an early stop, up to and including the stopping EOS."""
+        end = self.num_tokens if self.stopped_at is None else self.stopped_at + 1
+        return self.canvas[self.prompt_len : end].tolist()

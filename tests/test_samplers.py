@@ -1,0 +1,183 @@
+"""The engine's samplers and Fast-dLLM caches against the published algorithms, token for token (T=0)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from checkpoints import write_checkpoint
+from conftest import SEED
+from dengine import LLM, SamplingParams
+from dengine.decoding import factor_count, llada_transfer_schedule, threshold_count, top_k_filter, top_p_filter
+from reference import dense_forward
+from reference_samplers import dream_generate, llada_generate
+
+# Sharper attention and output distributions than plain random weights: positions then differ from each
+# other, approximate caching changes the tokens, and confident predictions exist for threshold / factor.
+HEAD_SCALE, ATTN_SCALE = 4.0, 6.0
+AUTO = "auto"  # threshold / factor chosen from the model's first-step confidences (see _resolve)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    seed = SEED
+    out = {}
+    for family in ("llada", "dream"):
+        folder, _ = write_checkpoint(tmp_path_factory.mktemp(family), family, seed=seed, head_scale=HEAD_SCALE,
+                                     attn_scale=ATTN_SCALE)
+        out[family] = folder
+    return out
+
+
+def _engine(folder, policy="none"):
+    # float64 keeps the engine's and the reference's confidences apart only at exact ties.
+    return LLM(folder, dtype="float64", cache_policy=policy, kv_cache_memory=1 << 24, block_size=8)
+
+
+def _prompt(rng, length):
+    return torch.tensor([rng.randrange(0, 300) for _ in range(length)])
+
+
+def _resolve(case, model, prompt):
+    """Replace AUTO threshold / factor by values that commit 2-4 tokens at the first step of block 0."""
+    case = dict(case)
+    if AUTO not in (case.get("threshold"), case.get("factor")):
+        return case
+    canvas = torch.cat([prompt, torch.full((case["gen_length"],), model.config.mask_token_id)])
+    logits = dense_forward(model, canvas)[0]
+    start = prompt.numel()
+    rows = torch.arange(start, start + case["block_length"]) - model.config.logit_shift
+    confidence = logits[rows].double().softmax(-1).max(-1).values.sort(descending=True).values
+    # Midpoints between the 3rd and 4th confidences, far from rounding differences between forwards.
+    if case.get("threshold") == AUTO:
+        case["threshold"] = float(confidence[2] + confidence[3]) / 2  # the top 3 pass
+    else:
+        case["factor"] = float(4 * (1 - confidence[2]) + 5 * (1 - confidence[3])) / 2  # n = 3 passes, 4 fails
+    return case
+
+
+LLADA_CASES = [
+    dict(gen_length=16, block_length=16, steps=16),
+    dict(gen_length=24, block_length=8, steps=12),
+    dict(gen_length=24, block_length=8, steps=24, threshold=AUTO),
+    dict(gen_length=24, block_length=8, steps=24, factor=AUTO),
+    dict(gen_length=16, block_length=8, steps=6, logits_eos_inf=True),
+]
+
+
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+@pytest.mark.parametrize("case", LLADA_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_llada_matches_reference(models, cache, case, seed):
+    llm = _engine(models["llada"], cache or "none")
+    rng = random.Random(seed)
+    prompt = _prompt(rng, rng.randint(3, 12))
+    case = _resolve(case, llm.engine.model, prompt)
+    out = llm.generate({"prompt_token_ids": prompt.tolist()}, SamplingParams(**case), use_tqdm=False)[0]
+    expected = llada_generate(llm.engine.model, prompt, cache=cache, **case)
+    assert out.token_ids == expected.tolist()
+    if cache is None and ("threshold" in case or "factor" in case):
+        assert out.metrics.nfe < case["gen_length"], "the parallel rule should commit several tokens in a step"
+    assert out.metrics.committed_tokens == case["gen_length"]
+    if cache is None:
+        assert out.metrics.full_recomputes == out.metrics.nfe
+    else:
+        assert out.metrics.full_recomputes == case["gen_length"] // case["block_length"]
+
+
+def test_llada_classifier_free_guidance_matches_reference(models, seed):
+    llm = _engine(models["llada"])
+    rng = random.Random(seed)
+    prompt = _prompt(rng, 6)
+    params = SamplingParams(gen_length=16, block_length=8, steps=8, cfg_scale=1.5)
+    out = llm.generate({"prompt_token_ids": prompt.tolist()}, params, use_tqdm=False)[0]
+    expected = llada_generate(llm.engine.model, prompt, gen_length=16, block_length=8, steps=8, cfg_scale=1.5)
+    assert out.token_ids == expected.tolist()
+    assert out.metrics.query_tokens == 2 * 8 * (6 + 16)  # two branches, full canvas, 8 steps
+
+
+DREAM_CASES = [
+    dict(gen_length=16, block_length=16, steps=16, alg="maskgit_plus"),
+    dict(gen_length=16, block_length=16, steps=8, alg="topk_margin"),
+    dict(gen_length=24, block_length=8, steps=12, alg="entropy"),
+    dict(gen_length=16, block_length=8, steps=8, alg="maskgit_plus", top_k=5, top_p=0.9),
+    dict(gen_length=24, block_length=8, steps=24, alg="maskgit_plus", threshold=AUTO),
+]
+
+
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+@pytest.mark.parametrize("case", DREAM_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_dream_matches_reference(models, cache, case, seed):
+    llm = _engine(models["dream"], cache or "none")
+    rng = random.Random(seed)
+    prompt = _prompt(rng, rng.randint(3, 12))
+    case = _resolve(case, llm.engine.model, prompt)
+    alg = case.pop("alg")
+    params = SamplingParams(remasking=alg, **case)
+    out = llm.generate({"prompt_token_ids": prompt.tolist()}, params, use_tqdm=False)[0]
+    expected = dream_generate(llm.engine.model, prompt, alg=alg, cache=cache, **case)
+    assert out.token_ids == expected.tolist()
+
+
+def test_dream_origin_matches_reference_with_the_same_random_stream(models, seed):
+    llm = _engine(models["dream"])
+    prompt = _prompt(random.Random(seed), 5)
+    params = SamplingParams(gen_length=16, block_length=8, steps=8, remasking="origin", seed=seed)
+    out = llm.generate({"prompt_token_ids": prompt.tolist()}, params, use_tqdm=False)[0]
+    generator = torch.Generator().manual_seed(seed)
+    expected = dream_generate(llm.engine.model, prompt, 16, 8, 8, alg="origin", generator=generator)
+    assert out.token_ids == expected.tolist()
+
+
+def test_temperature_sampling_is_seeded(models):
+    for family, params in (
+        ("llada", SamplingParams(gen_length=16, steps=8, temperature=0.8, seed=7)),
+        ("dream", SamplingParams(gen_length=16, steps=8, temperature=0.8, top_p=0.95, seed=7, remasking="entropy")),
+        ("llada", SamplingParams(gen_length=16, steps=8, remasking="random", seed=7)),
+    ):
+        llm = _engine(models[family])
+        first = llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)[0].token_ids
+        again = llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)[0].token_ids
+        assert first == again and llm.engine.config.mask_token_id not in first
+
+
+def test_schedule_and_parallel_rules_by_hand():
+    assert llada_transfer_schedule(10, 4) == [3, 3, 2, 2]
+    assert llada_transfer_schedule(3, 5) == [1, 1, 1, 0, 0]
+    conf = torch.tensor([0.2, 0.95, 0.91, 0.5])
+    assert sorted(threshold_count(conf, 0.9).tolist()) == [1, 2]
+    assert threshold_count(torch.tensor([0.2, 0.3]), 0.9).tolist() == [1]  # none passes: the top one
+    # sorted: .95 .91 .5 .2 -> (n+1)(1-c): 2*.05=.1, 3*.09=.27, 4*.5=2, 5*.8=4
+    assert sorted(factor_count(conf, 1.0).tolist()) == [1, 2]
+    assert sorted(factor_count(conf, 2.5).tolist()) == [1, 2, 3]
+    assert factor_count(torch.tensor([0.1, 0.2]), 0.01).tolist() == [1]  # at least one
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert (top_k_filter(logits, 2)[0, 2:] < -1e30).all() and top_k_filter(logits, 2)[0, :2].tolist() == [3.0, 2.0]
+    probs = logits.softmax(-1)[0]  # .644 .237 .087 .032
+    kept = top_p_filter(logits, 0.7)[0] > -1e30
+    assert kept.tolist() == [True, True, False, False]
+    assert (top_p_filter(logits, 0.5)[0] > -1e30).tolist() == [True, False, False, False]
+    assert probs[0] > 0.5
+
+
+def test_confidence_eos_eot_inf_never_commits_eos_or_eot_first():
+    from dengine.decoding import Decoder
+
+    eos, eot = 7, 8
+    logits = torch.full((3, 10), -5.0)
+    logits[0, eos] = 9.0  # most confident, but EOS
+    logits[1, eot] = 8.0  # next, but EOT
+    logits[2, 3] = 2.0  # least confident ordinary token
+    candidates = torch.tensor([20, 21, 22])
+    for guarded, expected in ((False, 20), (True, 22)):
+        params = SamplingParams(gen_length=3, steps=3, confidence_eos_eot_inf=guarded)
+        decoder = Decoder(params, "llada", 9, eos, eot, torch.Generator().manual_seed(0))
+        decoder.start_block(3)
+        outcome = decoder.step(candidates, logits, block_step=0, head_only=False)
+        assert outcome.positions.tolist() == [expected]
+    params = SamplingParams(gen_length=3, steps=3, logits_eos_inf=True)
+    decoder = Decoder(params, "llada", 9, eos, eot, torch.Generator().manual_seed(0))
+    decoder.start_block(3)
+    outcome = decoder.step(candidates, logits, block_step=2, head_only=False)
+    assert eos not in outcome.tokens.tolist() and outcome.positions.tolist() == [21]
