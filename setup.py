@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dengine", "dengine.*"]),
+    package_data={"dengine": ["assets/*/*.json", "assets/*/*.safetensors", "assets/*/*.md"]},
     install_requires=[
         "torch>=2.5",
         "transformers>=5.0",
@@ -22,6 +23,6 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "serve": ["ray[serve]>=2.30"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "hypothesis>=6"],
     },
 )

@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from dengine.assets import resolve_model
 from dengine.engine import LLMEngine, PromptType
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
@@ -20,8 +21,9 @@ Message = dict[str, str]
 class LLM:
     """A thin layer over LLMEngine: submit a batch, step until done, return outputs in order."""
 
-    def __init__(self, model: str | Path, **engine_kwargs: Any) -> None:
-        self.engine = LLMEngine(model, **engine_kwargs)
+    def __init__(self, model: str | Path | None = None, **engine_kwargs: Any) -> None:
+        """model: a local checkpoint folder, or an embedded model's name; None is the default embedded model."""
+        self.engine = LLMEngine(resolve_model(model), **engine_kwargs)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

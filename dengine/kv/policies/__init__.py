@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from dengine.kv.policies.base import CachePolicy
+from dengine.kv.policies.entropy import EntropyCache
 from dengine.kv.policies.fast_dllm import DualCache, PrefixCache
 from dengine.kv.policies.none import NoCache
 
-POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (NoCache, PrefixCache, DualCache)}
+POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (NoCache, PrefixCache, DualCache, EntropyCache)}
 
 
 def policy_class(name: str) -> type[CachePolicy]:

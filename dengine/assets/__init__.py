@@ -1,0 +1,28 @@
+"""The embedded models: small LLaDA- and Dream-format checkpoints trained on the chain-sum task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).parent
+EMBEDDED_MODELS = {
+    "llada-chainsum": ASSETS / "llada-chainsum",
+    "dream-chainsum": ASSETS / "dream-chainsum",
+}
+DEFAULT_MODEL = "llada-chainsum"
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """A checkpoint folder: the given path, an embedded model's name, or the default embedded model."""
+    if model is None:
+        model = DEFAULT_MODEL
+    if str(model) not in EMBEDDED_MODELS:
+        return Path(model)
+    folder = EMBEDDED_MODELS[str(model)]
+    if not (folder / "model.safetensors").is_file():
+        raise ValueError(
+            f"the embedded model {model!r} is not part of this build (no weights under {folder}); "
+            "pass model=PATH to a checkpoint folder, or train it: python -m dengine.training.train "
+            f"--family {str(model).split('-')[0]} --out {folder}"
+        )
+    return folder

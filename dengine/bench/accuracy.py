@@ -1,0 +1,155 @@
+"""Accuracy harness: held-out chain-sum problems through LLM.chat, accuracy next to speed, per policy.
+
+    python -m dengine.bench.accuracy --model llada-chainsum --policies none entropy dual --n 500
+
+Every policy runs the same problems with the same sampler in one process; speedup is wall time of the
+first policy (the baseline, "none" by default) over the policy's. Prints a Markdown table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dengine.llm import LLM
+from dengine.outputs import RequestOutput
+from dengine.sampling_params import SamplingParams
+from dengine.tasks.chain_sum import ChainSumProblem, check_answer, split_problems
+
+
+@dataclass
+class PolicyResult:
+    """One policy's run over the problems: accuracy and the speed metrics of methods.md section 7."""
+
+    policy: str
+    cache_config: dict[str, Any] | None
+    n: int
+    accuracy: float
+    wall_s: float
+    nfe: float  # forwards per request
+    tokens_per_forward: float
+    avg_query_tokens: float
+    full_recompute_rate: float
+    tokens_per_s: float  # committed generated tokens (all positions) per second
+    answer_tokens_per_s: float  # generated tokens before the first EOS per second
+    decision_share: float  # cache-policy decision time / wall time
+    speedup: float = 1.0
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+def answer_length(output: RequestOutput, eos: int) -> int:
+    """Generated tokens before the first EOS (the papers' throughput numerator)."""
+    return output.token_ids.index(eos) if eos in output.token_ids else len(output.token_ids)
+
+
+def evaluate(llm: LLM, problems: list[ChainSumProblem], params: SamplingParams, use_tqdm: bool = True,
+             samples: int = 3) -> PolicyResult:
+    """Run the problems as chats and score them; params carries the policy (cache_policy / cache_config)."""
+    conversations = [[{"role": "user", "content": p.question}] for p in problems]
+    start = time.perf_counter()
+    outputs = llm.chat(conversations, params, use_tqdm=use_tqdm)
+    wall = time.perf_counter() - start
+    eos = llm.engine.config.eos_token_id
+    correct = [check_answer(p, o.text or "") for p, o in zip(problems, outputs)]
+    n = len(outputs)
+    total_steps = sum(o.metrics.nfe for o in outputs)
+    return PolicyResult(
+        policy=outputs[0].metrics.cache_policy,
+        cache_config=params.cache_config,
+        n=n,
+        accuracy=sum(correct) / n,
+        wall_s=wall,
+        nfe=total_steps / n,
+        tokens_per_forward=sum(o.metrics.committed_tokens for o in outputs) / total_steps,
+        avg_query_tokens=sum(o.metrics.query_tokens for o in outputs) / total_steps,
+        full_recompute_rate=sum(o.metrics.full_recomputes for o in outputs) / total_steps,
+        tokens_per_s=sum(len(o.token_ids) for o in outputs) / wall,
+        answer_tokens_per_s=sum(answer_length(o, eos) for o in outputs) / wall,
+        decision_share=sum(o.metrics.decision_seconds for o in outputs) / wall,
+        samples=[
+            {"question": p.question, "expected": p.answer, "got": o.text or "", "correct": str(ok)}
+            for p, o, ok in list(zip(problems, outputs, correct))[:samples]
+        ],
+    )
+
+
+def compare(llm: LLM, problems: list[ChainSumProblem], base: SamplingParams,
+            policies: list[tuple[str, dict[str, Any] | None]], use_tqdm: bool = True) -> list[PolicyResult]:
+    """Each policy on the same problems and sampler; speedups against the first one."""
+    results = []
+    fields = {f: getattr(base, f) for f in base.__struct_fields__}
+    for name, config in policies:
+        params = SamplingParams(**{**fields, "cache_policy": name, "cache_config": config})
+        results.append(evaluate(llm, problems, params, use_tqdm))
+    for result in results:
+        result.speedup = results[0].wall_s / result.wall_s
+    return results
+
+
+def markdown_table(results: list[PolicyResult]) -> str:
+    header = ("| policy | options | accuracy | NFE | tokens/forward | query tokens/forward | full recompute | "
+              "tokens/s (all) | tokens/s (before EOS) | wall s | speedup | decision share |")
+    lines = [header, "|" + "---|" * 12]
+    for r in results:
+        options = json.dumps(r.cache_config) if r.cache_config else ""
+        lines.append(
+            f"| {r.policy} | {options} | {r.accuracy:.1%} | {r.nfe:.1f} | {r.tokens_per_forward:.2f} | "
+            f"{r.avg_query_tokens:.1f} | {r.full_recompute_rate:.1%} | {r.tokens_per_s:.1f} | "
+            f"{r.answer_tokens_per_s:.1f} | {r.wall_s:.1f} | {r.speedup:.2f}x | {r.decision_share:.3%} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_policy(spec: str) -> tuple[str, dict[str, Any] | None]:
+    """'entropy' or 'entropy:{"tau": 0.5, "k": 8}'."""
+    name, _, options = spec.partition(":")
+    return name, json.loads(options) if options else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llada-chainsum", help="embedded model name or checkpoint folder")
+    parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual"],
+                        help='policies in order, the first is the baseline; options as \'entropy:{"tau":0.5}\'')
+    parser.add_argument("--n", type=int, default=500, help="held-out problems")
+    parser.add_argument("--batch-size", type=int, default=64, help="max_num_seqs (1 = one request at a time)")
+    parser.add_argument("--gen-length", type=int, default=128)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="default: gen_length (one token per step)")
+    parser.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding")
+    parser.add_argument("--stop-at-eos", action="store_true", help="finish a request once its answer is fixed")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--no-tqdm", action="store_true")
+    args = parser.parse_args(argv)
+
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.batch_size)
+    _, problems = split_problems(0, args.n)
+    base = SamplingParams(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+                          threshold=args.threshold, stop_at_eos=args.stop_at_eos)
+    results = compare(llm, problems, base, [parse_policy(p) for p in args.policies], not args.no_tqdm)
+    print(markdown_table(results))
+    record = {
+        "command": "python -m dengine.bench.accuracy " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "date": date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "model": str(args.model),
+        "sampler": {f: getattr(base, f) for f in ("gen_length", "block_length", "steps", "threshold", "stop_at_eos")},
+        "batch_size": args.batch_size,
+        "results": [asdict(r) for r in results],
+    }
+    print(json.dumps(record, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

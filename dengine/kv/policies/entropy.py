@@ -1,0 +1,53 @@
+"""EntropyCache: the entropy of what a sequence just committed decides whether its next step recomputes all.
+
+After each step, E_t = max over the tokens committed at step t of H(p) (natural log), p the distribution each
+was committed from. E_t > tau: the next step is a full recompute. Otherwise it computes only the k most
+recently committed positions (by commit step, newest first; within a step by position) and the still-masked
+positions of the current block; everything else is read from the cache. Step 0 is always full. A step that
+commits nothing keeps the previous decision (nothing changed that could make the cache staler).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+import torch
+
+from dengine.kv.policies.base import CachePolicy
+
+
+class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
+    tau: Annotated[float, msgspec.Meta(ge=0.0)] = 0.3
+    k: Annotated[int, msgspec.Meta(ge=0)] = 8
+    refresh_on_block_start: bool = False
+
+
+def max_entropy(probs: torch.Tensor) -> float:
+    """max_i H(p_i) over the rows of probs (natural log, 0 log 0 = 0)."""
+    return float(torch.special.entr(probs).sum(-1).max())
+
+
+class EntropyCache(CachePolicy):
+    name = "entropy"
+    Options = EntropyOptions
+
+    def __init__(self, options: EntropyOptions) -> None:
+        super().__init__(options)
+        self.needs_full_recompute = True  # step 0 has no cache
+        self.last_entropy: float | None = None
+        # Newest commit step first; within a step ascending positions. Never longer than k.
+        self.recent = torch.zeros(0, dtype=torch.long)
+
+    def plan(self, seq) -> torch.Tensor | None:
+        if self.needs_full_recompute or (self.options.refresh_on_block_start and seq.block_step == 0):
+            return None
+        return torch.cat([self.recent, seq.masked_in_block()])
+
+    def observe(self, seq, outcome, full: bool) -> None:
+        if outcome.positions.numel() == 0:
+            return
+        self.last_entropy = max_entropy(outcome.probs)
+        self.needs_full_recompute = self.last_entropy > self.options.tau
+        if self.options.k:
+            self.recent = torch.cat([outcome.positions, self.recent])[: self.options.k]

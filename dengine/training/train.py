@@ -1,0 +1,182 @@
+"""Train a small LLaDA- or Dream-format model on the chain-sum task with the masked-diffusion SFT objective.
+
+    python -m dengine.training.train --family llada --out dengine/assets/llada-chainsum --steps 6000
+
+The objective is LLaDA's SFT: the response (answer, end-of-turn, EOS padding to gen_length) is masked at a
+ratio t ~ U(eps, 1); the loss is the cross-entropy on masked positions weighted by 1/t, normalised by the
+response length. The Dream-format model predicts token i from position i - 1 (Dream's shift). Seeded,
+reproducible, bf16 autocast on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dengine.config import ModelConfig
+from dengine.models import MODEL_FAMILIES
+from dengine.tasks.chain_sum import HELD_OUT_SEED, MAX_TERMS, MIN_TERMS, ChainSumProblem, generate_problems
+from dengine.tokenizer import load_tokenizer
+from dengine.training.dense import TrainingKV, dense_batch
+from dengine.training.export import save_checkpoint
+from dengine.training.tokenizer import write_tokenizer
+
+MASK_EPS = 1e-3
+
+
+def model_config(family: str, ids: dict[str, int], args: argparse.Namespace) -> ModelConfig:
+    """The architecture of an embedded model: the real family's layout at a small size."""
+    return ModelConfig(
+        model_type=family,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.heads if family == "llada" else args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        intermediate_size=args.intermediate,
+        vocab_size=args.vocab,
+        rms_norm_eps=1e-5 if family == "llada" else 1e-6,
+        rope_theta=10000.0,
+        qkv_bias=family == "dream",
+        rope_in_fp32=family == "llada",
+        logit_shift=1 if family == "dream" else 0,
+        max_position_embeddings=1024,
+        mask_token_id=ids["mask_token"],
+        eos_token_id=ids["eos_token"],
+        pad_token_id=ids["eos_token"],
+        bos_token_id=ids["bos_token"],
+    )
+
+
+def init_weights(model: torch.nn.Module, num_layers: int, generator: torch.Generator) -> None:
+    """Normal(0, 0.02) weights, residual output projections scaled by 1/sqrt(2 * layers), zero biases."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+class ProblemStream:
+    """Endless seeded training problems of a given term count, never one of the held-out problems."""
+
+    def __init__(self, seed: int, held_out: int) -> None:
+        self.rng = random.Random(seed)
+        self.excluded = {p.terms for p in generate_problems(held_out, HELD_OUT_SEED)}
+
+    def batch(self, size: int) -> list[ChainSumProblem]:
+        terms = self.rng.randint(MIN_TERMS, MAX_TERMS)
+        out = []
+        while len(out) < size:
+            problem = ChainSumProblem(tuple(self.rng.randint(1, 9) for _ in range(terms)))
+            if problem.terms not in self.excluded:
+                out.append(problem)
+        return out
+
+
+def encode_batch(problems: list[ChainSumProblem], tokenizer, eot: int, eos: int, gen_length: int):
+    """Canvases [B, T] (chat-templated prompt + answer + end-of-turn + EOS padding) and the prompt length."""
+    rows, prompt_len = [], None
+    for problem in problems:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": problem.question}],
+                                             add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer.encode(text, add_special_tokens=False)
+        answer = tokenizer.encode(problem.answer, add_special_tokens=False) + [eot]
+        if len(answer) > gen_length:
+            raise ValueError(f"answer of {len(answer)} tokens does not fit gen_length {gen_length}")
+        prompt_len = len(prompt) if prompt_len is None else prompt_len
+        if len(prompt) != prompt_len:
+            raise ValueError("a batch's prompts must have equal length (one term count per batch)")
+        rows.append(prompt + answer + [eos] * (gen_length - len(answer)))
+    return torch.tensor(rows), prompt_len
+
+
+def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, generator: torch.Generator):
+    """LLaDA's SFT loss on one batch; Dream-format models read token i at output i - 1."""
+    b, t = canvas.shape
+    gen_length = t - prompt_len
+    ratio = (1 - MASK_EPS) * torch.rand(b, 1, generator=generator) + MASK_EPS
+    masked = torch.zeros_like(canvas, dtype=torch.bool)
+    masked[:, prompt_len:] = torch.rand(b, gen_length, generator=generator) < ratio
+    noisy = canvas.masked_fill(masked, mask_id)
+    rows = masked.reshape(-1).nonzero().flatten()
+    weights = ratio.expand(b, t).reshape(-1)[rows]
+    logits = model(dense_batch(noisy, rows - model.config.logit_shift), TrainingKV(model.config.num_layers))
+    token_loss = F.cross_entropy(logits.float(), canvas.reshape(-1)[rows], reduction="none") / weights
+    return token_loss.sum() / (b * gen_length)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train an embedded chain-sum model (LLaDA or Dream format).")
+    parser.add_argument("--family", choices=sorted(MODEL_FAMILIES), required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--gen-length", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2, help="Dream only (GQA)")
+    parser.add_argument("--intermediate", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ids = write_tokenizer(args.out, args.family)
+    tokenizer = load_tokenizer(args.out)
+    config = model_config(args.family, ids, args)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    model = MODEL_FAMILIES[args.family](config)
+    init_weights(model, config.num_layers, generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    stream = ProblemStream(args.seed, held_out=500)
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    start, smoothed = time.perf_counter(), None
+    bar = tqdm(range(args.steps), desc=f"train {args.family}", dynamic_ncols=True)
+    for step in bar:
+        canvas, prompt_len = encode_batch(stream.batch(args.batch_size), tokenizer, ids["end_of_turn"],
+                                          ids["eos_token"], args.gen_length)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = diffusion_loss(model, canvas, prompt_len, ids["mask_token"], generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr_at(step):.2e}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(model, args.out)
+    model.eval()
+    save_checkpoint(model, args.out)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"saved {args.out} after {args.steps} steps in {minutes:.1f} min (final smoothed loss {smoothed:.4f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""EntropyCache: the entropy trigger, its query sets, k-recent bookkeeping and per-sequence batched decisions."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from checkpoints import write_checkpoint
+from conftest import SEED
+from dengine import LLM, SamplingParams
+from dengine.decoding import StepOutcome
+from dengine.kv.policies import make_policy
+from dengine.kv.policies.entropy import max_entropy
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {
+        family: write_checkpoint(tmp_path_factory.mktemp(family), family, seed=SEED, head_scale=4.0, attn_scale=6.0)[0]
+        for family in ("llada", "dream")
+    }
+
+
+def _llm(folder, policy="entropy", **kwargs):
+    return LLM(folder, dtype="float64", cache_policy=policy, kv_cache_memory=1 << 24, block_size=8, **kwargs)
+
+
+def _record_queries(llm, monkeypatch):
+    """Every step's per-sequence query positions, as the runner receives them."""
+    steps = []
+    real_run = llm.engine.runner.run
+
+    def run(queries):
+        steps.append([(q.query_positions.tolist(), q.token_ids.numel()) for q in queries])
+        return real_run(queries)
+
+    monkeypatch.setattr(llm.engine.runner, "run", run)
+    return steps
+
+
+SAMPLERS = [
+    dict(gen_length=24, block_length=8, steps=24),
+    dict(gen_length=24, block_length=8, steps=12, threshold=0.3),
+]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=["one-per-step", "threshold"])
+def test_tau_zero_recomputes_every_step_and_equals_none(folders, family, sampler, seed):
+    prompt = {"prompt_token_ids": [random.Random(seed).randrange(300) for _ in range(7)]}
+    if family == "dream":
+        sampler = {**sampler, "remasking": "maskgit_plus"}
+    exact = _llm(folders[family], "none").generate(prompt, SamplingParams(**sampler), use_tqdm=False)[0]
+    params = SamplingParams(**sampler, cache_config={"tau": 0.0, "k": 4})
+    out = _llm(folders[family]).generate(prompt, params, use_tqdm=False)[0]
+    assert out.token_ids == exact.token_ids
+    assert out.metrics.full_recompute_rate == 1.0 and out.metrics.cache_policy == "entropy"
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_large_tau_and_k_zero_computes_only_the_block_masks(folders, family, monkeypatch):
+    from dengine.scheduler.sequence import Sequence
+
+    planned = []
+    original = Sequence.plan
+
+    def recording_plan(self):
+        queries = original(self)
+        planned.append((self.masked_in_block().tolist(), queries[0].query_positions.tolist(), self.num_tokens))
+        return queries
+
+    monkeypatch.setattr(Sequence, "plan", recording_plan)
+    llm = _llm(folders[family], cache_config={"tau": 1e9, "k": 0})
+    out = llm.generate({"prompt_token_ids": [3, 1, 4, 1, 5]}, SamplingParams(gen_length=16, block_length=8, steps=16),
+                       use_tqdm=False)[0]
+    assert len(planned) == out.metrics.nfe
+    # Full until the first commit (Dream's schedule may commit nothing at its first step), then the masks.
+    initial = planned[0][0]
+    leading = next(i for i, (masked, _, _) in enumerate(planned) if masked != initial)
+    assert out.metrics.full_recomputes == leading
+    for masked, query, length in planned[:leading]:
+        assert query == list(range(length))
+    for masked, query, _ in planned[leading:]:
+        expected = set(masked) | ({p - 1 for p in masked} if family == "dream" else set())
+        assert query == sorted(expected)
+    assert out.metrics.avg_query_tokens < length
+
+
+def test_k_recent_orders_by_commit_step_then_position():
+    policy = make_policy("entropy", {"tau": 10.0, "k": 4})
+    uniform = torch.full((1, 5), 0.2)
+
+    def commit(*positions):
+        probs = uniform.expand(len(positions), 5)
+        policy.observe(None, StepOutcome(torch.tensor(positions), torch.zeros(len(positions)), probs), full=False)
+
+    commit(5, 9)
+    commit(7)
+    assert policy.recent.tolist() == [7, 5, 9]
+    commit(3, 4, 8)
+    assert policy.recent.tolist() == [3, 4, 8, 7], "newest step first, by position within a step, exactly k"
+    commit()  # a step without commits changes nothing
+    assert policy.recent.tolist() == [3, 4, 8, 7]
+    none_kept = make_policy("entropy", {"tau": 10.0, "k": 0})
+    none_kept.observe(None, StepOutcome(torch.tensor([1]), torch.zeros(1), uniform), full=False)
+    assert none_kept.recent.numel() == 0
+
+
+def test_entropy_signal_and_decision_by_hand():
+    peaked = torch.tensor([[0.97, 0.01, 0.01, 0.01]])
+    flat = torch.full((1, 4), 0.25)
+    assert max_entropy(flat) == pytest.approx(math.log(4))
+    assert max_entropy(torch.cat([peaked, flat])) == pytest.approx(math.log(4))
+    assert max_entropy(torch.tensor([[1.0, 0.0, 0.0, 0.0]])) == 0.0
+    policy = make_policy("entropy", {"tau": 0.5, "k": 2})
+    assert policy.needs_full_recompute, "step 0 is full"
+    policy.observe(None, StepOutcome(torch.tensor([3]), torch.zeros(1), peaked), full=True)
+    assert not policy.needs_full_recompute  # H(peaked) = 0.17 <= 0.5
+    policy.observe(None, StepOutcome(torch.tensor([4, 6]), torch.zeros(2), torch.cat([peaked, flat])), full=False)
+    assert policy.needs_full_recompute  # H(flat) = 1.39 > 0.5
+    policy.observe(None, StepOutcome(torch.zeros(0, dtype=torch.long), torch.zeros(0), flat[:0]), full=True)
+    assert policy.needs_full_recompute, "no commits: the previous decision stands"
+
+
+def test_the_decision_reads_only_the_committed_positions(folders, monkeypatch):
+    """Uncommitted candidates get maximal-entropy logits; a policy reading them would recompute."""
+    llm = _llm(folders["llada"], cache_config={"tau": 1.0, "k": 2})
+    steps = _record_queries(llm, monkeypatch)
+    from dengine.scheduler.sequence import Sequence
+
+    original = Sequence.apply
+
+    def poisoned_apply(self, queries, logits):
+        rows = logits[0].clone()
+        best = rows.max(-1).values.argmax()
+        keep = rows[best].clone()
+        keep[int(keep.argmax())] = 1e4  # the committed row: a point mass, entropy 0
+        rows[:] = 0.0  # every other candidate: uniform over the vocabulary, entropy log(V) > tau
+        rows[best] = keep
+        return original(self, queries, [rows])
+
+    monkeypatch.setattr(Sequence, "apply", poisoned_apply)
+    out = llm.generate({"prompt_token_ids": [9, 8, 7]}, SamplingParams(gen_length=16, block_length=8, steps=16),
+                       use_tqdm=False)[0]
+    assert math.log(llm.engine.config.vocab_size) > 1.0
+    assert out.metrics.full_recomputes == 1, "only step 0 is full: the uniform rows were never read"
+    assert all(len(step[0][0]) < step[0][1] for step in steps[1:])
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_batched_sequences_decide_alone_and_match_their_solo_runs(folders, family, monkeypatch, seed):
+    rng = random.Random(seed)
+    taus = [0.0, 0.05, 0.5, 2.0, 1e9]
+    prompts = [{"prompt_token_ids": [rng.randrange(300) for _ in range(rng.randint(2, 12))]} for _ in taus]
+    params = [
+        SamplingParams(gen_length=16, block_length=8, steps=16, cache_config={"tau": tau, "k": rng.randint(0, 6)})
+        for tau in taus
+    ]
+    llm = _llm(folders[family])
+    steps = _record_queries(llm, monkeypatch)
+    together = llm.generate(prompts, params, use_tqdm=False)
+    mixed = [step for step in steps if len({len(q) == n for q, n in step}) == 2]
+    assert mixed, "some step should hold full and partial sequences together"
+    solo = [llm.generate(p, sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in solo]
+    assert [o.metrics.full_recomputes for o in together] == [o.metrics.full_recomputes for o in solo]
+    assert together[0].metrics.full_recompute_rate == 1.0
+    # tau = 1e9: full only until the first commit (one step; two when Dream's first step commits nothing).
+    assert together[-1].metrics.full_recomputes <= 2
+    assert llm.engine.kv_manager.num_free_blocks == llm.engine.kv_manager.pool.num_blocks
+
+
+def test_refresh_on_block_start(folders):
+    llm = _llm(folders["llada"], cache_config={"tau": 1e9, "k": 3, "refresh_on_block_start": True})
+    out = llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(gen_length=24, block_length=8, steps=24),
+                       use_tqdm=False)[0]
+    assert out.metrics.full_recomputes == 3  # step 0 and the first step of blocks 1 and 2
+
+
+def test_entropy_options_are_validated(folders):
+    for config, message in (({"tau": -1.0}, "tau"), ({"k": -2}, "k"), ({"window": 3}, "unknown field")):
+        with pytest.raises(ValueError, match=f"cache_config for policy 'entropy'.*{message}"):
+            _llm(folders["llada"], cache_config=config)

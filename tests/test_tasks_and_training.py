@@ -1,0 +1,110 @@
+"""The chain-sum task, the embedded tokenizer, real-format export and the training loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import argparse
+
+from dengine import load_model, load_tokenizer
+from dengine.models import MODEL_FAMILIES
+from dengine.tasks import ChainSumProblem, check_answer, generate_problems, split_problems
+from dengine.tasks.chain_sum import MAX_TERMS, MIN_TERMS
+from dengine.training import train
+from dengine.training.tokenizer import specials_for, write_tokenizer
+from dengine.training.train import ProblemStream, diffusion_loss, encode_batch, init_weights, model_config
+
+terms = st.lists(st.integers(1, 9), min_size=MIN_TERMS, max_size=MAX_TERMS).map(tuple)
+
+
+@settings(deadline=None, max_examples=60)
+@given(terms)
+def test_worked_answer_is_accepted_and_consistent(values):
+    problem = ChainSumProblem(values)
+    assert check_answer(problem, problem.answer)
+    assert check_answer(problem, problem.answer + "\n")
+    steps = problem.answer.split(";")[:-1]
+    assert len(steps) == len(values) - 1
+    acc = values[0]
+    for step, term in zip(steps, values[1:]):
+        assert step == f"{acc:02d}+{term}={acc + term:02d}"
+        acc += term
+
+
+@settings(deadline=None, max_examples=60)
+@given(terms, st.integers(-50, 50).filter(lambda d: d != 0))
+def test_wrong_totals_are_rejected(values, delta):
+    problem = ChainSumProblem(values)
+    wrong = problem.answer.rsplit("=>", 1)[0] + f"=>{problem.total + delta}"
+    assert not check_answer(problem, wrong)
+
+
+@settings(deadline=None, max_examples=60)
+@given(terms, st.text(max_size=20))
+def test_answers_without_the_final_marker_are_rejected(values, junk):
+    problem = ChainSumProblem(values)
+    assert not check_answer(problem, problem.answer.replace("=>", "") + junk.replace("=>", ""))
+
+
+def test_splits_are_seeded_and_disjoint():
+    train, held_out = split_problems(2000, 500)
+    assert held_out == split_problems(10, 500)[1], "the held-out split does not depend on the training size"
+    assert not {p.terms for p in train} & {p.terms for p in held_out}
+    assert generate_problems(20, 3) == generate_problems(20, 3) != generate_problems(20, 4)
+    lengths = [len(p.answer) + 1 for p in held_out]  # + end of turn, one token per character
+    assert sum(lengths) / len(lengths) >= 48
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_embedded_tokenizer_round_trips_task_text(tmp_path, family):
+    ids = write_tokenizer(tmp_path, family)
+    tokenizer = load_tokenizer(tmp_path)
+    for problem in generate_problems(50, 1):
+        for text in (problem.question, problem.answer):
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            assert len(encoded) == len(text) and tokenizer.decode(encoded) == text
+    for role, token in specials_for(family).items():
+        assert tokenizer.convert_tokens_to_ids(token) == ids[role]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Add: 1 2"}], add_generation_prompt=True,
+                                         tokenize=False)
+    head = "<|startoftext|><|start_header_id|>user" if family == "llada" else "<|im_start|>system"
+    assert chat.startswith(head)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_training_is_reproducible_lowers_the_loss_and_exports_the_real_format(tmp_path, family):
+    argv = ["--family", family, "--steps", "12", "--warmup", "2", "--batch-size", "4", "--hidden", "64",
+            "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "96", "--gen-length", "64",
+            "--lr", "3e-3"]
+    train.main(argv + ["--out", str(tmp_path / "a")])
+    train.main(argv + ["--out", str(tmp_path / "b")])
+    first, second = load_model(tmp_path / "a", dtype="float32"), load_model(tmp_path / "b", dtype="float32")
+    for (name, p), q in zip(first.named_parameters(), second.parameters()):
+        assert torch.equal(p, q), name
+    assert first.config.model_type == family and first.config.logit_shift == (family == "dream")
+    tokenizer = load_tokenizer(tmp_path / "a")
+    assert tokenizer.mask_token_id == first.config.mask_token_id
+    assert tokenizer.eos_token_id == first.config.eos_token_id
+
+
+def test_training_loss_decreases(tmp_path):
+    ids = write_tokenizer(tmp_path, "llada")
+    tokenizer = load_tokenizer(tmp_path)
+    args = argparse.Namespace(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=96, vocab=128)
+    model = MODEL_FAMILIES["llada"](model_config("llada", ids, args))
+    generator = torch.Generator().manual_seed(0)
+    init_weights(model, 2, generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    stream = ProblemStream(0, held_out=10)
+    canvas, prompt_len = encode_batch(stream.batch(8), tokenizer, ids["end_of_turn"], ids["eos_token"], 64)
+    losses = []
+    for _ in range(25):
+        loss = diffusion_loss(model, canvas, prompt_len, ids["mask_token"], torch.Generator().manual_seed(1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
