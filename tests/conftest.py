@@ -30,3 +30,14 @@ def seed(request) -> int:
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    """Tiny LLaDA and Dream checkpoints with sharp attention and outputs, so caching changes tokens."""
+    from checkpoints import write_checkpoint
+
+    return {
+        family: write_checkpoint(tmp_path_factory.mktemp(family), family, seed=SEED, head_scale=4.0, attn_scale=6.0)[0]
+        for family in ("llada", "dream")
+    }

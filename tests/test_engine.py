@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from checkpoints import write_checkpoint
-from conftest import SEED
 from dengine import LLM, LLMEngine, SamplingParams
 from dengine.kv import RequestTooLargeError
 
 POLICIES = ["none", "prefix", "dual"]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return {
-        family: write_checkpoint(tmp_path_factory.mktemp(family), family, seed=SEED, head_scale=4.0, attn_scale=6.0)[0]
-        for family in ("llada", "dream")
-    }
 
 
 def _llm(folder, policy="none", **kwargs):

@@ -8,20 +8,10 @@ import random
 import pytest
 import torch
 
-from checkpoints import write_checkpoint
-from conftest import SEED
 from dengine import LLM, SamplingParams
 from dengine.decoding import StepOutcome
 from dengine.kv.policies import make_policy
 from dengine.kv.policies.entropy import max_entropy
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return {
-        family: write_checkpoint(tmp_path_factory.mktemp(family), family, seed=SEED, head_scale=4.0, attn_scale=6.0)[0]
-        for family in ("llada", "dream")
-    }
 
 
 def _llm(folder, policy="entropy", **kwargs):
