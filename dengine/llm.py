@@ -14,6 +14,7 @@ from dengine.assets import resolve_model
 from dengine.engine import LLMEngine, PromptType
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
+from dengine.tokenizer import load_tokenizer
 
 Message = dict[str, str]
 
@@ -21,12 +22,33 @@ Message = dict[str, str]
 class LLM:
     """A thin layer over LLMEngine: submit a batch, step until done, return outputs in order."""
 
-    def __init__(self, model: str | Path | None = None, **engine_kwargs: Any) -> None:
-        """model: a local checkpoint folder, or an embedded model's name; None is the default embedded model."""
-        self.engine = LLMEngine(resolve_model(model), **engine_kwargs)
+    def __init__(self, model: str | Path | None = None, data_parallel_size: int = 1, **engine_kwargs: Any) -> None:
+        """model: a local checkpoint folder, or an embedded model's name; None is the default embedded model.
+
+        data_parallel_size > 1 runs that many engine replicas as Ray actors (one GPU each where there are
+        GPUs, else an equal share of the CPUs) and spreads the prompts across them; outputs equal a
+        single engine's (same seeds) and come back in prompt order. Needs the `serve` extra (ray).
+        """
+        path = resolve_model(model)
+        self.model_path = path
+        self.data_parallel = None
+        self.engine: LLMEngine | None = None
+        if data_parallel_size == 1:
+            self.engine = LLMEngine(path, **engine_kwargs)
+            self.tokenizer = self.engine.tokenizer
+        else:
+            from dengine.parallel import DataParallelEngines
+
+            self.data_parallel = DataParallelEngines(str(path), data_parallel_size, engine_kwargs)
+            self.tokenizer = None if engine_kwargs.get("skip_tokenizer_init") else load_tokenizer(path)
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the data-parallel replicas (a no-op for a single engine)."""
+        if self.data_parallel is not None:
+            self.data_parallel.shutdown()
 
     def generate(
         self,
@@ -44,6 +66,9 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(params_list)} sampling_params for {len(prompts)} prompts")
+        if self.data_parallel is not None:
+            with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm, dynamic_ncols=True) as bar:
+                return self.data_parallel.generate(prompts, params_list, bar)
         batch = uuid.uuid4().hex[:8]
         sequences = []
         for index, (prompt, params) in enumerate(zip(prompts, params_list)):
@@ -60,9 +85,9 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
-        tokenizer = self.engine.tokenizer
+        tokenizer = self.tokenizer
         if tokenizer is None or tokenizer.chat_template is None:
-            raise ValueError(f"{self.engine.model_path} has no tokenizer with a chat template")
+            raise ValueError(f"{self.model_path} has no tokenizer with a chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for index, conversation in enumerate(conversations):

@@ -41,3 +41,19 @@ def folders(tmp_path_factory):
         family: write_checkpoint(tmp_path_factory.mktemp(family), family, seed=SEED, head_scale=4.0, attn_scale=6.0)[0]
         for family in ("llada", "dream")
     }
+
+
+@pytest.fixture(scope="session")
+def chat_folders(tmp_path_factory):
+    """Tiny LLaDA and Dream checkpoints with the embedded models' tokenizer and chat templates (2 training
+    steps: the weights are near random, the formats and text path are the real ones)."""
+    from dengine.training import train
+
+    out = {}
+    for family in ("llada", "dream"):
+        folder = tmp_path_factory.mktemp(f"{family}-chat")
+        train.main(["--family", family, "--out", str(folder), "--steps", "2", "--warmup", "1", "--batch-size", "2",
+                    "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "96",
+                    "--gen-length", "128", "--seed", str(SEED % 1000)])
+        out[family] = folder
+    return out

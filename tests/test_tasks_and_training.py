@@ -26,12 +26,12 @@ def test_worked_answer_is_accepted_and_consistent(values):
     problem = ChainSumProblem(values)
     assert check_answer(problem, problem.answer)
     assert check_answer(problem, problem.answer + "\n")
-    steps = problem.answer.split(";")[:-1]
-    assert len(steps) == len(values) - 1
-    acc = values[0]
-    for step, term in zip(steps, values[1:]):
-        assert step == f"{acc:02d}+{term}={acc + term:02d}"
-        acc += term
+    lines = problem.answer.split(";")[:-1]
+    assert len(lines) == len(values) + 1 and {len(line) for line in lines} == {len(values) + 3}
+    acc = 0
+    for used, line in enumerate(lines):
+        assert line == f"{acc:02d}|" + "".join(map(str, values[used:])).ljust(len(values), "_")
+        acc += values[used] if used < len(values) else 0
 
 
 @settings(deadline=None, max_examples=60)
@@ -77,7 +77,7 @@ def test_embedded_tokenizer_round_trips_task_text(tmp_path, family):
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_training_is_reproducible_lowers_the_loss_and_exports_the_real_format(tmp_path, family):
     argv = ["--family", family, "--steps", "12", "--warmup", "2", "--batch-size", "4", "--hidden", "64",
-            "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "96", "--gen-length", "64",
+            "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "96", "--gen-length", "128",
             "--lr", "3e-3"]
     train.main(argv + ["--out", str(tmp_path / "a")])
     train.main(argv + ["--out", str(tmp_path / "b")])
@@ -99,7 +99,7 @@ def test_training_loss_decreases(tmp_path):
     init_weights(model, 2, generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     stream = ProblemStream(0, held_out=10)
-    canvas, prompt_len = encode_batch(stream.batch(8), tokenizer, ids["end_of_turn"], ids["eos_token"], 64)
+    canvas, prompt_len = encode_batch(stream.batch(8), tokenizer, ids["end_of_turn"], ids["eos_token"], 128)
     losses = []
     for _ in range(25):
         loss = diffusion_loss(model, canvas, prompt_len, ids["mask_token"], torch.Generator().manual_seed(1))

@@ -185,6 +185,13 @@ class Sequence:
         self.stopped_at = self.prompt_len + first
         return True
 
+    def final_token_ids(self) -> list[int]:
+        """The generated tokens that can no longer change: the completed blocks (semi-AR makes blocks final
+        left to right), or everything once the sequence is finished."""
+        if self.is_finished:
+            return self.generated_token_ids()
+        return self.canvas[self.prompt_len : self.block_start].tolist()
+
     def generated_token_ids(self) -> list[int]:
         """The generation region; after an early stop, up to and including the stopping EOS."""
         end = self.num_tokens if self.stopped_at is None else self.stopped_at + 1

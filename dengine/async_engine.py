@@ -1,0 +1,235 @@
+"""AsyncLLMEngine: LLMEngine.step() in a background loop, one async stream of outputs per request.
+
+Streaming for a diffusion model: semi-autoregressive decoding makes blocks final left to right, so a
+request's stream yields each block's text as soon as that block has no mask left, then one final chunk
+carrying the rest of the text and the request's metrics. The concatenated `text` of the chunks is the
+final text. Leaving the stream early (client disconnect, task cancellation, `break`) aborts the request
+and frees its KV blocks.
+
+Only the loop touches the engine's mutable state: requests are validated when they arrive (bad input
+raises at once, nothing queued) and handed to the loop, which adds and aborts them between steps and runs
+each step in a worker thread so the event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from dengine.engine import LLMEngine, PromptType
+from dengine.outputs import RequestOutput
+from dengine.sampling_params import SamplingParams
+from dengine.scheduler.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class StreamChunk(msgspec.Struct, kw_only=True):
+    """One piece of a request's stream: new final text (and its tokens); `output` only on the last chunk."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    output: RequestOutput | None = None
+
+
+class EngineStats(msgspec.Struct, kw_only=True):
+    """A snapshot of the engine for health checks and metrics."""
+
+    waiting: int
+    running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    steps: int
+    generated_tokens: int
+    full_recomputes: int
+    finished_requests: int
+
+
+class _Stream:
+    """Per-request state: the queue the loop fills, and what has been sent so far."""
+
+    def __init__(self, seq: Sequence) -> None:
+        self.seq = seq
+        self.queue: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
+        self.sent_tokens = 0
+        self.sent_text = ""
+        self.done = False
+
+
+class AsyncLLMEngine:
+    """Wraps an LLMEngine; `generate` is an async iterator of StreamChunks, `abort` cancels a request."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._streams: dict[str, _Stream] = {}
+        self._pending: list[_Stream] = []
+        self._aborts: list[str] = []
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._steps = self._tokens = self._recomputes = self._finished = 0
+
+    @classmethod
+    def from_model(cls, model: Any = None, **engine_kwargs: Any) -> AsyncLLMEngine:
+        from dengine.assets import resolve_model
+
+        return cls(LLMEngine(resolve_model(model), **engine_kwargs))
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue one request, returning its id; raises ValueError (nothing queued) for bad input."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = _Stream(self.engine.make_sequence(request_id, prompt, params))
+        self._streams[request_id] = stream
+        self._pending.append(stream)
+        self._ensure_loop()
+        return request_id
+
+    async def stream(self, request_id: str) -> AsyncIterator[StreamChunk]:
+        """The chunks of a queued request; leaving early (break, cancel, disconnect) aborts it."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            raise KeyError(f"no unfinished request {request_id!r}")
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not stream.done:
+                self.abort(request_id)
+
+    async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[StreamChunk]:
+        """add_request then stream, as one async iterator."""
+        async for chunk in self.stream(self.add_request(prompt, params, request_id)):
+            yield chunk
+
+    async def generate_full(self, prompt: PromptType, params: SamplingParams | None = None,
+                            request_id: str | None = None) -> RequestOutput:
+        """Run one request to the end and return its RequestOutput."""
+        async for chunk in self.generate(prompt, params, request_id):
+            if chunk.output is not None:
+                return chunk.output
+        raise RuntimeError("the stream ended without a final output")  # generate always ends with one
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (a no-op for unknown or finished ones); its blocks are freed before the next step."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None or stream.done:
+            return
+        stream.done = True
+        if stream in self._pending:
+            self._pending.remove(stream)
+        else:
+            self._aborts.append(request_id)
+            self._wake()
+
+    def stats(self) -> EngineStats:
+        manager = self.engine.kv_manager
+        return EngineStats(
+            waiting=len(self.engine.scheduler.waiting) + len(self._pending),
+            running=len(self.engine.scheduler.running),
+            kv_blocks_used=manager.pool.num_blocks - manager.num_free_blocks,
+            kv_blocks_total=manager.pool.num_blocks,
+            steps=self._steps,
+            generated_tokens=self._tokens,
+            full_recomputes=self._recomputes,
+            finished_requests=self._finished,
+        )
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _ensure_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
+            self._wakeup = asyncio.Event()
+            self._loop_task = loop.create_task(self._run())
+        self._wake()
+
+    async def _run(self) -> None:
+        engine = self.engine
+        while True:
+            for request_id in self._aborts:
+                engine.abort_request(request_id)
+            self._aborts.clear()
+            for stream in self._pending:
+                engine.add_sequence(stream.seq)
+            self._pending.clear()
+            if not engine.has_unfinished_requests():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                finished = await asyncio.to_thread(engine.step)
+            except Exception as exc:  # fail what was in flight, keep serving the next requests
+                logger.exception("engine step failed")
+                self._fail_all(RuntimeError(f"engine step failed: {exc}"))
+                continue
+            self._after_step(finished)
+            await asyncio.sleep(0)  # let handlers run (new requests, aborts) between steps
+
+    def _after_step(self, finished: list[RequestOutput]) -> None:
+        self._steps += 1
+        done = {output.request_id: output for output in finished}
+        for request_id, stream in list(self._streams.items()):
+            seq = stream.seq
+            if stream.done or seq.metrics.steps == 0:
+                continue
+            output = done.get(request_id)
+            if output is not None:
+                self._finish(stream, output)
+            elif len(seq.final_token_ids()) > stream.sent_tokens:
+                stream.queue.put_nowait(self._delta(stream, seq.final_token_ids(), final=False))
+
+    def _delta(self, stream: _Stream, token_ids: list[int], final: bool) -> StreamChunk:
+        """The chunk for tokens newly final; text is what their decoding adds (a split character waits)."""
+        text = self.engine.decode_text(token_ids) or ""
+        if not final:
+            text = text.rstrip("\ufffd")
+        new_text = text[len(stream.sent_text):] if text.startswith(stream.sent_text) else text
+        chunk = StreamChunk(request_id=stream.seq.request_id, text=new_text,
+                            token_ids=token_ids[stream.sent_tokens:])
+        stream.sent_tokens, stream.sent_text = len(token_ids), stream.sent_text + new_text
+        return chunk
+
+    def _finish(self, stream: _Stream, output: RequestOutput) -> None:
+        chunk = self._delta(stream, output.token_ids, final=True)
+        chunk.finished, chunk.output = True, output
+        stream.done = True
+        self._streams.pop(output.request_id, None)
+        self._finished += 1
+        self._tokens += len(output.token_ids)
+        self._recomputes += output.metrics.full_recomputes
+        stream.queue.put_nowait(chunk)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            if stream in self._pending:
+                continue
+            self.engine.abort_request(request_id)
+            stream.done = True
+            self._streams.pop(request_id, None)
+            stream.queue.put_nowait(error)
+

@@ -1,0 +1,79 @@
+"""The `dengine` command.
+
+    dengine demo [--model M] [--n 64]                      the main job (same as `python -m dengine`)
+    dengine serve [--model M] [--replicas N] [--port P]    the OpenAI-compatible server on Ray Serve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    from dengine.serve.deployment import build_app
+
+    defaults = {"gen_length": args.gen_length, "block_length": args.block_length}
+    engine_kwargs = {"dtype": args.dtype, "cache_policy": args.cache_policy, "max_num_seqs": args.max_num_seqs}
+    if args.cache_config:
+        engine_kwargs["cache_config"] = json.loads(args.cache_config)
+    if args.kv_cache_memory is not None:
+        engine_kwargs["kv_cache_memory"] = args.kv_cache_memory
+    app = build_app(args.model, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                    model_name=args.served_model_name, defaults=defaults, **engine_kwargs)
+    # a busy machine starts Serve's HTTP proxy slowly; Serve's default 5 s readiness check would kill it
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    ray.init(address=args.ray_address, ignore_reinit_error=True)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="dengine", route_prefix="/", blocking=False)
+    print(f"dengine: serving on http://{args.host}:{args.port}/v1 ({args.replicas} replica(s)); Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="dengine", description="dengine: serving diffusion language models")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="decode held-out problems on the embedded model (python -m dengine)")
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+
+    serve = commands.add_parser("serve", help="the OpenAI-compatible API on Ray Serve")
+    serve.add_argument("--model", default=None, help="checkpoint folder or embedded model name (default llada-chainsum)")
+    serve.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
+    serve.add_argument("--replicas", type=int, default=1)
+    serve.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
+    serve.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default 1 if CUDA, else 0)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    serve.add_argument("--dtype", default="bfloat16")
+    serve.add_argument("--cache-policy", default="entropy")
+    serve.add_argument("--cache-config", default=None, help='JSON, e.g. \'{"tau": 0.3, "k": 8}\'')
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--kv-cache-memory", type=float, default=None, help="bytes, or a fraction of free memory")
+    serve.add_argument("--gen-length", type=int, default=128, help="default when a request sets no max_tokens")
+    serve.add_argument("--block-length", type=int, default=32)
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from dengine.__main__ import main as demo_main
+
+        sys.argv = ["dengine demo", *args.rest]
+        demo_main()
+    elif args.command == "serve":
+        _serve(args)
+
+
+if __name__ == "__main__":
+    main()

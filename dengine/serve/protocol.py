@@ -1,0 +1,244 @@
+"""The OpenAI-compatible wire format, as msgspec Structs: requests are decoded strictly (wrong types,
+unknown fields and out-of-range values are errors) before anything reaches the engine.
+
+Diffusion options ride along as extra body fields (the `extra_body` of OpenAI's Python client):
+gen_length, block_length, steps, threshold, factor, remasking (or Dream's name `alg`), alg_temp,
+cfg_scale, stop_at_eos, cache_policy, cache_config, and `tau` / `k` as shorthands for the EntropyCache
+options. OpenAI's `max_tokens` is the generation length: a diffusion model decodes a canvas of exactly
+that many positions (it may end early with EOS), so `max_tokens` and `gen_length` are the same field and
+giving both with different values is an error.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+
+from dengine.outputs import RequestMetrics, RequestOutput
+from dengine.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the server refuses: becomes an HTTP error in OpenAI's shape."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Fields both endpoints share: OpenAI's sampling fields and the diffusion extras."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None  # refused unless empty: a diffusion canvas is decoded as a whole
+    user: str | None = None
+    # diffusion extras
+    gen_length: int | None = None
+    block_length: int | None = None
+    steps: int | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    remasking: str | None = None
+    alg: str | None = None
+    alg_temp: float | None = None
+    cfg_scale: float | None = None
+    stop_at_eos: bool | None = None
+    cache_policy: str | None = None
+    cache_config: dict[str, Any] | None = None
+    tau: float | None = None
+    k: int | None = None
+
+    def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
+        """The request's SamplingParams over the server's defaults; RequestError naming the field if invalid."""
+        if self.n != 1:
+            raise RequestError("only n=1 is supported", param="n")
+        if self.stop:
+            raise RequestError("stop strings are not supported (the model ends its answer with EOS)", param="stop")
+        if self.max_tokens is not None and self.gen_length is not None and self.max_tokens != self.gen_length:
+            raise RequestError("max_tokens and gen_length are the same field; they disagree", param="max_tokens")
+        if self.remasking is not None and self.alg is not None and self.remasking != self.alg:
+            raise RequestError("remasking and alg are the same field; they disagree", param="alg")
+        changes: dict[str, Any] = {}
+        gen_length = self.gen_length if self.gen_length is not None else self.max_tokens
+        if gen_length is not None:
+            changes["gen_length"] = gen_length
+            if self.block_length is None and defaults.block_length is not None and gen_length % defaults.block_length:
+                changes["block_length"] = None  # the default block does not divide it: one block
+            if self.steps is None and defaults.steps is not None:
+                changes["steps"] = None
+        for name in ("block_length", "steps", "temperature", "top_p", "top_k", "seed", "threshold", "factor",
+                     "alg_temp", "cfg_scale", "stop_at_eos", "cache_policy"):
+            value = getattr(self, name)
+            if value is not None:
+                changes[name] = value
+        remasking = self.remasking or self.alg
+        if remasking is not None:
+            changes["remasking"] = remasking
+        cache_config = dict(self.cache_config or {})
+        for name in ("tau", "k"):
+            value = getattr(self, name)
+            if value is not None:
+                if name in cache_config and cache_config[name] != value:
+                    raise RequestError(f"{name} is given twice (in cache_config too) with different values", param=name)
+                cache_config[name] = value
+        if cache_config:
+            changes["cache_config"] = cache_config
+        fields = {f: getattr(defaults, f) for f in defaults.__struct_fields__}
+        fields.update(changes)
+        try:
+            return SamplingParams(**fields)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(str(exc)) from None
+
+
+class CompletionRequest(DiffusionFields, kw_only=True, forbid_unknown_fields=True):
+    prompt: str | list[int]
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(DiffusionFields, kw_only=True, forbid_unknown_fields=True):
+    messages: list[ChatMessage]
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    dengine: RequestMetrics | None = None  # how the request was decoded (NFE, recomputes, ...)
+
+
+class ChatMessageOut(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str | None
+
+
+class ChatDeltaChoice(msgspec.Struct):
+    index: int
+    delta: ChatMessageOut
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    dengine: RequestMetrics | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatDeltaChoice]
+    usage: Usage | None = None
+    dengine: RequestMetrics | None = None
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "dengine"
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody
+
+
+def error_body(error: RequestError) -> bytes:
+    return msgspec.json.encode(ErrorResponse(ErrorBody(str(error), error.kind, error.param, error.code)))
+
+
+def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
+    """Strictly decode a request body; RequestError (400) for malformed JSON, wrong types, unknown fields."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        path = str(exc).rsplit("at `$.", 1)
+        raise RequestError(str(exc), param=path[1].rstrip("`").split("[")[0] if len(path) == 2 else None) from None
+    except msgspec.DecodeError as exc:
+        raise RequestError(f"malformed JSON: {exc}") from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def finish_reason(output: RequestOutput, stop_ids: set[int]) -> str:
+    """OpenAI's reason: "stop" when the model ended its answer (EOS / end of turn), else "length"."""
+    if output.finish_reason == "abort":
+        return "abort"
+    return "stop" if any(token in stop_ids for token in output.token_ids) else "length"
+
+
+def usage(output: RequestOutput, stop_ids: set[int]) -> Usage:
+    """Completion tokens are the answer's: generated tokens before the first EOS / end of turn."""
+    answer = next((i for i, token in enumerate(output.token_ids) if token in stop_ids), len(output.token_ids))
+    return Usage(len(output.prompt_token_ids), answer, len(output.prompt_token_ids) + answer)

@@ -1,0 +1,164 @@
+"""The async engine and the OpenAI-compatible app, in process (no Ray): streaming, validation, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+from fastapi.testclient import TestClient
+
+from dengine import LLM, LLMEngine, SamplingParams
+from dengine.async_engine import AsyncLLMEngine
+from dengine.serve.server import OpenAIServer, create_app
+
+DEFAULTS = SamplingParams(gen_length=32, block_length=8)
+
+
+def _engine(folder, **kwargs):
+    return LLMEngine(folder, dtype="float32", kv_cache_memory=1 << 22, block_size=8, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def client(chat_folders):
+    server = OpenAIServer(AsyncLLMEngine(_engine(chat_folders["llada"])), "tiny", DEFAULTS)
+    with TestClient(create_app(server)) as c:
+        yield c
+
+
+def _events(response):
+    lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_stream_yields_each_block_once_and_concatenates_to_the_final_text(chat_folders, family, seed):
+    engine = AsyncLLMEngine(_engine(chat_folders[family]))
+    params = SamplingParams(gen_length=32, block_length=8, temperature=0.8, seed=seed % 1000)
+
+    async def run():
+        return [chunk async for chunk in engine.generate("Add: a1 b2", params)]
+
+    chunks = asyncio.run(run())
+    final = chunks[-1].output
+    assert chunks[-1].finished and all(c.output is None and not c.finished for c in chunks[:-1])
+    assert "".join(c.text for c in chunks) == final.text
+    assert sum((c.token_ids for c in chunks), []) == final.token_ids
+    assert all(len(c.token_ids) == 8 for c in chunks[:-1]), "one chunk per completed block"
+    expected = LLM(chat_folders[family], dtype="float32").generate("Add: a1 b2", params, use_tqdm=False)[0]
+    assert final.token_ids == expected.token_ids
+
+
+def test_concurrent_requests_with_mixed_parameters_all_complete_correctly(chat_folders, seed):
+    rng = random.Random(seed)
+    engine = AsyncLLMEngine(_engine(chat_folders["llada"], max_num_seqs=8))
+    prompts = [f"Add: a{rng.randint(1, 9)} b{rng.randint(1, 9)}" for _ in range(32)]
+    params = [SamplingParams(gen_length=16 * rng.randint(1, 2), block_length=16, temperature=rng.choice([0.0, 1.0]),
+                             threshold=rng.choice([None, 0.5]), seed=rng.randrange(1000),
+                             cache_policy=rng.choice(["none", "dual", "entropy"])) for _ in prompts]
+
+    async def one(prompt, p):
+        await asyncio.sleep(rng.random() * 0.05)
+        return await engine.generate_full(prompt, p)
+
+    async def run():
+        return await asyncio.gather(*(one(prompt, p) for prompt, p in zip(prompts, params)))
+
+    outputs = asyncio.run(run())
+    reference = LLM(chat_folders["llada"], dtype="float32")
+    expected = reference.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    manager = engine.engine.kv_manager
+    assert manager.num_free_blocks == manager.pool.num_blocks and engine.num_unfinished == 0
+
+
+def test_leaving_a_stream_early_aborts_the_request_and_frees_its_blocks(chat_folders):
+    engine = AsyncLLMEngine(_engine(chat_folders["llada"]))
+
+    async def run():
+        stream = engine.generate("Add: a1 b2", SamplingParams(gen_length=64, block_length=8))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        task = asyncio.create_task(engine.generate_full("Add: a3", SamplingParams(gen_length=64, block_length=8)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # the loop frees aborted requests before its next step; give it one
+        await engine.generate_full("Add: a4", SamplingParams(gen_length=8))
+
+    asyncio.run(run())
+    manager = engine.engine.kv_manager
+    assert manager.num_free_blocks == manager.pool.num_blocks and engine.num_unfinished == 0
+
+
+def test_completion_and_chat_streamed_equal_non_streamed(client):
+    body = {"model": "tiny", "prompt": "Add: a5 b7", "max_tokens": 32, "temperature": 0.7, "seed": 11}
+    whole = client.post("/v1/completions", json=body).json()
+    assert whole["object"] == "text_completion" and whole["choices"][0]["finish_reason"] in ("stop", "length")
+    assert whole["usage"]["prompt_tokens"] > 0 and whole["dengine"]["nfe"] == 32
+    events = _events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
+    assert events[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Add: a5 b7"}], "max_tokens": 32,
+            "temperature": 0.7, "seed": 11, "block_length": 8, "cache_policy": "entropy", "tau": 0.5, "k": 4}
+    whole = client.post("/v1/chat/completions", json=chat).json()
+    assert whole["choices"][0]["message"]["role"] == "assistant"
+    assert whole["dengine"]["cache_policy"] == "entropy"
+    events = _events(client.post("/v1/chat/completions",
+                                 json={**chat, "stream": True, "stream_options": {"include_usage": True}}))
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert events[-1]["usage"] == whole["usage"] and events[-1]["choices"] == []
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", None),
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, None),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 24, "block_length": 16}, None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8, "gen_length": 16}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\n"]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "cache_policy": "nonsense"}, None),
+    ("/v1/completions", {"prompt": "x", "cache_policy": "dual", "tau": 0.3}, None),
+    ("/v1/completions", {"prompt": "x", "top_p": 0.9}, None),  # Dream-only option on a LLaDA model
+    ("/v1/completions", {"prompt": ""}, None),
+    ("/v1/completions", {"prompt": [1, 2, 10**6]}, None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, None),  # larger than the model or the KV pool
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD_REQUESTS)
+def test_bad_requests_get_400_in_openai_shape_and_the_server_keeps_serving(client, path, body, param):
+    response = client.post(path, content=body) if isinstance(body, bytes) else client.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 8}).status_code == 200
+
+
+def test_models_health_metrics_and_unknown_model(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    missing = client.post("/v1/completions", json={"model": "other", "prompt": "x"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    client.post("/v1/completions", json={"prompt": "x", "max_tokens": 8})
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["engine"]["running"] == 0
+    metrics = client.get("/metrics").text
+    for name in ("dengine_requests_total", "dengine_queue_length", "dengine_running_sequences",
+                 "dengine_kv_cache_usage", "dengine_full_recompute_rate", "dengine_tokens_per_second"):
+        assert name in metrics
+    assert 'endpoint="completions",model="tiny",status="400"' in metrics

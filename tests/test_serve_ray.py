@@ -1,0 +1,173 @@
+"""The Ray Serve deployment over real HTTP on a local Ray instance, and offline data parallelism.
+
+One Ray instance and one two-replica application serve the whole module (starting Ray costs seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ray = pytest.importorskip("ray")
+requests = pytest.importorskip("requests")
+from ray import serve  # noqa: E402
+
+from dengine import LLM, SamplingParams  # noqa: E402
+from dengine.serve.deployment import build_app  # noqa: E402
+
+ENGINE = {"dtype": "float32", "kv_cache_memory": 1 << 22, "block_size": 8, "cache_policy": "entropy"}
+DEFAULTS = {"gen_length": 32, "block_length": 8}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _replicas() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+
+
+def _running_replicas() -> dict:
+    app = serve.status().applications.get("dengine")
+    if app is None or "dengine" not in app.deployments:
+        return {}
+    return dict(app.deployments["dengine"].replica_states)
+
+
+def _wait_healthy(url: str, replicas: int, timeout: float = 240.0) -> None:
+    deadline, states = time.time() + timeout, {}
+    while time.time() < deadline:
+        states = _running_replicas()
+        if states == {"RUNNING": replicas}:
+            try:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the application did not become healthy: replica states {states}, actors {_replicas()}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # a loaded 2-core machine starts Serve's proxy slowly; Serve's 5 s readiness check would kill it
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(cluster, chat_folders):
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app(str(chat_folders["llada"]), replicas=2, num_cpus=0.5, model_name="tiny", defaults=DEFAULTS,
+                    **ENGINE)
+    serve.run(app, name="dengine", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    _wait_healthy(base, 2)
+    yield base
+    serve.delete("dengine")
+
+
+def _sse(response) -> list[dict]:
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def test_completions_and_chat_over_http_streamed_and_not(url):
+    body = {"model": "tiny", "prompt": "Add: a3 b4", "max_tokens": 32, "temperature": 0.9, "seed": 5}
+    whole = requests.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    streamed = _sse(requests.post(f"{url}/v1/completions", json={**body, "stream": True}, stream=True, timeout=60))
+    assert "".join(e["choices"][0]["text"] for e in streamed) == whole["choices"][0]["text"]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Add: a3 b4"}], "max_tokens": 32, "seed": 5,
+            "temperature": 0.9}
+    whole = requests.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()
+    events = _sse(requests.post(f"{url}/v1/chat/completions", json={**chat, "stream": True}, stream=True, timeout=60))
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "tiny"
+    assert "dengine_requests_total" in requests.get(f"{url}/metrics", timeout=10).text
+
+
+def test_32_concurrent_mixed_requests_all_complete_with_correct_outputs(url, chat_folders, seed):
+    rng = random.Random(seed)
+    bodies = []
+    for i in range(32):
+        bodies.append({"prompt": f"Add: a{rng.randint(1, 9)} b{rng.randint(1, 9)}", "seed": rng.randrange(1000),
+                       "max_tokens": rng.choice([16, 32]), "block_length": 8, "temperature": rng.choice([0.0, 1.0]),
+                       "threshold": rng.choice([None, 0.5]), "cache_policy": rng.choice(["none", "dual", "entropy"]),
+                       "stream": i % 4 == 0})
+    bodies = [{k: v for k, v in b.items() if v is not None} for b in bodies]
+
+    def call(body):
+        response = requests.post(f"{url}/v1/completions", json=body, stream=body["stream"], timeout=300)
+        assert response.status_code == 200, response.text
+        if body["stream"]:
+            return "".join(e["choices"][0]["text"] for e in _sse(response))
+        return response.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(32) as pool:
+        texts = list(pool.map(call, bodies))
+    reference = LLM(chat_folders["llada"], **ENGINE)
+    params = [SamplingParams(gen_length=b["max_tokens"], block_length=8, temperature=b["temperature"], seed=b["seed"],
+                             threshold=b.get("threshold"), cache_policy=b["cache_policy"]) for b in bodies]
+    expected = reference.generate([b["prompt"] for b in bodies], params, use_tqdm=False)
+    assert texts == [o.text for o in expected]
+
+
+def test_bad_requests_get_400_over_http_and_serving_continues(url):
+    for body in (b"{", b'{"prompt": 3}', b'{"prompt": "x", "bogus": true}', b'{"prompt": "x", "max_tokens": -1}',
+                 b'{"prompt": "x", "max_tokens": 100000}'):
+        response = requests.post(f"{url}/v1/completions", data=body, timeout=30,
+                                 headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert requests.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 8}, timeout=60).ok
+
+
+def test_a_killed_replica_is_replaced_and_later_requests_succeed(url):
+    body = {"prompt": "Add: a1 b2", "max_tokens": 32}
+    with ThreadPoolExecutor(8) as pool:
+        in_flight = [pool.submit(requests.post, f"{url}/v1/completions", json=body, timeout=120) for _ in range(8)]
+        time.sleep(0.2)
+        victim = _replicas()[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        statuses = []
+        for future in in_flight:
+            try:
+                statuses.append(future.result().status_code)
+            except requests.RequestException as exc:
+                statuses.append(type(exc).__name__)
+    print(f"in-flight requests when a replica was killed: {statuses}")
+    assert all(s in (200, 500, 502, 503, "ConnectionError", "ChunkedEncodingError") for s in statuses)
+    _wait_healthy(url, 2)
+    assert victim not in _replicas() and len(_replicas()) == 2
+    for _ in range(6):
+        assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+
+
+def test_data_parallel_matches_a_single_replica(cluster, chat_folders, seed):
+    serve.shutdown()  # give the replicas' CPUs back
+    rng = random.Random(seed)
+    prompts = [f"Add: a{rng.randint(1, 9)} b{rng.randint(1, 9)} c{rng.randint(1, 9)}" for _ in range(10)]
+    params = [SamplingParams(gen_length=16, block_length=8, temperature=rng.choice([0.0, 1.0])) for _ in prompts]
+    single = LLM(chat_folders["dream"], **ENGINE).generate(prompts, params, use_tqdm=False)
+    parallel_llm = LLM(chat_folders["dream"], data_parallel_size=2, **ENGINE)
+    try:
+        parallel = parallel_llm.generate(prompts, params, use_tqdm=False)
+        with pytest.raises(ValueError, match="prompt 1"):
+            parallel_llm.generate(["ok", ""], use_tqdm=False)
+    finally:
+        parallel_llm.shutdown()
+    assert [o.token_ids for o in parallel] == [o.token_ids for o in single]
+    assert [o.text for o in parallel] == [o.text for o in single]
