@@ -12,7 +12,7 @@ from dengine.bench import accuracy
 from dengine.training import train
 
 TINY = ["--steps", "2", "--warmup", "1", "--batch-size", "2", "--hidden", "32", "--layers", "1", "--heads", "2",
-        "--kv-heads", "1", "--intermediate", "48", "--gen-length", "64"]
+        "--kv-heads", "1", "--intermediate", "48", "--gen-length", "128"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def tiny_models(tmp_path_factory):
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_accuracy_harness_reports_every_policy(tiny_models, family, tmp_path, capsys):
     out = tmp_path / "result.json"
-    accuracy.main(["--model", str(tiny_models / family), "--n", "4", "--gen-length", "64", "--block-length", "32",
+    accuracy.main(["--model", str(tiny_models / family), "--n", "4", "--gen-length", "128", "--block-length", "32",
                    "--policies", "none", 'entropy:{"tau": 0.5, "k": 4}', "dual", "--json", str(out), "--no-tqdm",
                    "--dtype", "float32"])
     record = json.loads(out.read_text())
@@ -34,7 +34,7 @@ def test_accuracy_harness_reports_every_policy(tiny_models, family, tmp_path, ca
     assert [r["policy"] for r in results] == ["none", "entropy", "dual"]
     assert results[0]["speedup"] == 1.0 and results[1]["cache_config"] == {"tau": 0.5, "k": 4}
     for r in results:
-        assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and r["nfe"] == 64 and r["tokens_per_s"] > 0
+        assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and r["nfe"] == 128 and r["tokens_per_s"] > 0
     assert results[0]["full_recompute_rate"] == 1.0 and results[2]["full_recompute_rate"] < 1.0
     assert "| policy |" in capsys.readouterr().out
 
@@ -45,7 +45,7 @@ def test_calibration_script_picks_a_setting(tiny_models, tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(["--model", str(tiny_models / "llada"), "--n", "3", "--taus", "0", "1e9", "--ks", "2",
-                 "--gen-length", "64", "--block-length", "32", "--tolerance", "100", "--dtype", "float32",
+                 "--gen-length", "128", "--block-length", "32", "--tolerance", "100", "--dtype", "float32",
                  "--json", str(tmp_path / "c.json")])
     printed = capsys.readouterr().out
     assert "fastest within 100.0 points" in printed

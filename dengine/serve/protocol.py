@@ -137,14 +137,19 @@ class CompletionChoice(msgspec.Struct):
     logprobs: None = None
 
 
-class CompletionResponse(msgspec.Struct, kw_only=True):
+class _Response(msgspec.Struct, kw_only=True):
+    """What every response and stream chunk carries; `dengine` is how the request was decoded."""
+
     id: str
-    object: str = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage | None = None
-    dengine: RequestMetrics | None = None  # how the request was decoded (NFE, recomputes, ...)
+    dengine: RequestMetrics | None = None
+
+
+class CompletionResponse(_Response, kw_only=True):
+    object: str = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class ChatMessageOut(msgspec.Struct, omit_defaults=True):
@@ -165,24 +170,14 @@ class ChatDeltaChoice(msgspec.Struct):
     logprobs: None = None
 
 
-class ChatCompletionResponse(msgspec.Struct, kw_only=True):
-    id: str
+class ChatCompletionResponse(_Response, kw_only=True):
     object: str = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage | None = None
-    dengine: RequestMetrics | None = None
 
 
-class ChatCompletionChunk(msgspec.Struct, kw_only=True):
-    id: str
+class ChatCompletionChunk(_Response, kw_only=True):
     object: str = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatDeltaChoice]
-    usage: Usage | None = None
-    dengine: RequestMetrics | None = None
 
 
 class ModelCard(msgspec.Struct):

@@ -3,8 +3,8 @@
     python -m dengine.training.train --family llada --out dengine/assets/llada-chainsum --steps 6000
 
 The objective is LLaDA's SFT: the response (answer, end-of-turn, EOS padding to gen_length) is masked at a
-ratio t ~ U(eps, 1); the loss is the cross-entropy on masked positions weighted by 1/t, normalised by the
-response length. The Dream-format model predicts token i from position i - 1 (Dream's shift). Seeded,
+ratio t ~ U(0, 1); the loss is the cross-entropy on masked positions weighted by 1/t, normalised by the
+response length (stratified ratios and exact mask counts keep its variance low; see diffusion_loss). The Dream-format model predicts token i from position i - 1 (Dream's shift). Seeded,
 reproducible, bf16 autocast on CPU.
 """
 
@@ -28,7 +28,6 @@ from dengine.training.dense import TrainingKV, dense_batch
 from dengine.training.export import save_checkpoint
 from dengine.training.tokenizer import write_tokenizer
 
-MASK_EPS = 1e-3
 
 
 def model_config(family: str, ids: dict[str, int], args: argparse.Namespace) -> ModelConfig:
@@ -103,17 +102,25 @@ def encode_batch(problems: list[ChainSumProblem], tokenizer, eot: int, eos: int,
 
 
 def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, generator: torch.Generator):
-    """LLaDA's SFT loss on one batch; Dream-format models read token i at output i - 1."""
+    """LLaDA's SFT loss on one batch; Dream-format models read token i at output i - 1.
+
+    Each response is masked at a ratio t ~ U(0, 1) and the cross-entropy on its masked positions is
+    weighted by 1/t. Two variance reductions keep the estimator's expectation: the batch's ratios are
+    stratified (one per 1/B interval, in random order), and a response masked at ratio t has exactly
+    max(1, round(t * L)) masked positions, its weight 1/t taken from that realised count.
+    """
     b, t = canvas.shape
     gen_length = t - prompt_len
-    ratio = (1 - MASK_EPS) * torch.rand(b, 1, generator=generator) + MASK_EPS
+    strata = (torch.randperm(b, generator=generator) + torch.rand(b, generator=generator)) / b
+    counts = (strata * gen_length).round().clamp(1, gen_length).long()
+    order = torch.rand(b, gen_length, generator=generator).argsort(dim=1)
     masked = torch.zeros_like(canvas, dtype=torch.bool)
-    masked[:, prompt_len:] = torch.rand(b, gen_length, generator=generator) < ratio
+    masked[:, prompt_len:] = order < counts[:, None]
     noisy = canvas.masked_fill(masked, mask_id)
     rows = masked.reshape(-1).nonzero().flatten()
-    weights = ratio.expand(b, t).reshape(-1)[rows]
+    ratio = (counts.float() / gen_length)[:, None].expand(b, t).reshape(-1)[rows]
     logits = model(dense_batch(noisy, rows - model.config.logit_shift), TrainingKV(model.config.num_layers))
-    token_loss = F.cross_entropy(logits.float(), canvas.reshape(-1)[rows], reduction="none") / weights
+    token_loss = F.cross_entropy(logits.float(), canvas.reshape(-1)[rows], reduction="none") / ratio
     return token_loss.sum() / (b * gen_length)
 
 
