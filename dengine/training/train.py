@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dengine.config import ModelConfig
 from dengine.models import MODEL_FAMILIES
+from dengine.models.loader import load_model
 from dengine.tasks.chain_sum import HELD_OUT_SEED, MAX_TERMS, MIN_TERMS, ChainSumProblem, generate_problems
 from dengine.tokenizer import load_tokenizer
 from dengine.training.dense import TrainingKV, dense_batch
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from this checkpoint's weights (same family and sizes) instead of a fresh init")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,6 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     model = MODEL_FAMILIES[args.family](config)
     init_weights(model, config.num_layers, generator)
+    if args.init_from is not None:
+        start_from = load_model(args.init_from, dtype="float32")
+        if start_from.config != config:
+            raise ValueError(f"{args.init_from} has another architecture than the one asked for")
+        model.load_state_dict(start_from.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     stream = ProblemStream(args.seed, held_out=500)
 
