@@ -152,6 +152,14 @@ class AsyncLLMEngine:
         )
 
     @property
+    def loop_error(self) -> BaseException | None:
+        """The exception that ended the background loop, if it died."""
+        task = self._loop_task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
+    @property
     def num_unfinished(self) -> int:
         return len(self._streams)
 
@@ -200,7 +208,7 @@ class AsyncLLMEngine:
             output = done.get(request_id)
             if output is not None:
                 self._finish(stream, output)
-            elif len(seq.final_token_ids()) > stream.sent_tokens:
+            elif seq.block_start - seq.prompt_len > stream.sent_tokens:  # a block was completed this step
                 stream.queue.put_nowait(self._delta(stream, seq.final_token_ids(), final=False))
 
     def _delta(self, stream: _Stream, token_ids: list[int], final: bool) -> StreamChunk:

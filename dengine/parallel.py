@@ -78,9 +78,7 @@ class DataParallelEngines:
         for p in params:
             p = p or SamplingParams()
             if p.seed is None:
-                fields = {f: getattr(p, f) for f in p.__struct_fields__}
-                fields["seed"] = self.seed * 1_000_003 + self._counter
-                p = SamplingParams(**fields)
+                p = p.replace(seed=self.seed * 1_000_003 + self._counter)
                 self._counter += 1
             out.append(p)
         return out

@@ -75,6 +75,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.cache_config is not None and not isinstance(self.cache_config, dict):
             raise ValueError(f"cache_config must be a dict of policy options, got {type(self.cache_config).__name__}")
 
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with some fields changed, validated like a new SamplingParams."""
+        return SamplingParams(**{**{f: getattr(self, f) for f in self.__struct_fields__}, **changes})
+
     @property
     def num_blocks(self) -> int:
         return self.gen_length // self.resolved_block_length

@@ -49,7 +49,7 @@ def test_staggered_arrivals_with_mixed_policies_and_small_limits(folders, family
     rng = random.Random(seed)
     prompts, params = _mixed_requests(rng, 8)
     params = [
-        SamplingParams(**{**{f: getattr(p, f) for f in p.__struct_fields__}, "cache_policy": rng.choice(POLICIES)})
+        p.replace(cache_policy=rng.choice(POLICIES))
         for p in params
     ]
     reference = _llm(folders[family])
@@ -199,6 +199,8 @@ BAD_PARAMS = [
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match=message):  # a copy with changes is validated the same way
+        SamplingParams(gen_length=32, block_length=8).replace(**{"block_length": None, **kwargs})
 
 
 def test_bad_requests_name_the_prompt_and_lose_nothing(folders):

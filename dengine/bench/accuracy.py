@@ -85,10 +85,8 @@ def compare(llm: LLM, problems: list[ChainSumProblem], base: SamplingParams,
             policies: list[tuple[str, dict[str, Any] | None]], use_tqdm: bool = True) -> list[PolicyResult]:
     """Each policy on the same problems and sampler; speedups against the first one."""
     results = []
-    fields = {f: getattr(base, f) for f in base.__struct_fields__}
     for name, config in policies:
-        params = SamplingParams(**{**fields, "cache_policy": name, "cache_config": config})
-        results.append(evaluate(llm, problems, params, use_tqdm))
+        results.append(evaluate(llm, problems, base.replace(cache_policy=name, cache_config=config), use_tqdm))
     for result in results:
         result.speedup = results[0].wall_s / result.wall_s
     return results

@@ -34,9 +34,8 @@ class DengineServer:
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine loop died."""
-        task = self.engine._loop_task
-        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-            raise RuntimeError(f"engine loop died: {task.exception()!r}")
+        if self.engine.loop_error is not None:
+            raise RuntimeError(f"engine loop died: {self.engine.loop_error!r}")
 
 
 def served_name(model: str | Path | None) -> str:

@@ -99,10 +99,8 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 cache_config[name] = value
         if cache_config:
             changes["cache_config"] = cache_config
-        fields = {f: getattr(defaults, f) for f in defaults.__struct_fields__}
-        fields.update(changes)
         try:
-            return SamplingParams(**fields)
+            return defaults.replace(**changes)
         except (ValueError, TypeError) as exc:
             raise RequestError(str(exc)) from None
 
