@@ -1,7 +1,7 @@
 """Calibrate EntropyCache's tau and k on held-out problems, for a given model and sampler.
 
-    python benchmarks/calibrate_entropy.py --model llada-chainsum --n 200 --taus 0.1 0.3 1 3 --ks 0 8 32
-    python benchmarks/calibrate_entropy.py --model llada-chainsum --threshold 0.9 ...
+    python benchmarks/calibrate_entropy.py --model llada-reverse --n 200 --taus 0.1 0.3 1 3 --ks 0 8 32
+    python benchmarks/calibrate_entropy.py --model llada-reverse --threshold 0.9 ...
 
 Runs policy "none" and then every (tau, k) with the same sampler on the same problems, prints the table
 (accuracy, NFE, full-recompute rate, query tokens per step, wall time, speedup vs "none") and names the
@@ -19,7 +19,7 @@ from pathlib import Path
 from dengine.bench.accuracy import compare, markdown_table
 from dengine.llm import LLM
 from dengine.sampling_params import SamplingParams
-from dengine.tasks.chain_sum import split_problems
+from dengine.tasks.digit_reversal import split_problems
 
 
 def best_setting(results, tolerance: float):
@@ -31,7 +31,7 @@ def best_setting(results, tolerance: float):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llada-chainsum")
+    parser.add_argument("--model", default="llada-reverse")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--taus", type=float, nargs="+", default=[0.05, 0.1, 0.3, 1.0, 3.0])
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 8, 32])

@@ -1,6 +1,6 @@
 """`python -m dengine`: the main job on the embedded model.
 
-Decodes held-out chain-sum problems with EntropyCache and with exact decoding ("none"), prints a few
+Decodes held-out digit-reversal problems with EntropyCache and with exact decoding ("none"), prints a few
 answers, the accuracy of both, tokens/s and the speedup of the cache.
 """
 
@@ -11,12 +11,12 @@ import argparse
 from dengine.bench.accuracy import compare, markdown_table
 from dengine.llm import LLM
 from dengine.sampling_params import SamplingParams
-from dengine.tasks.chain_sum import split_problems
+from dengine.tasks.digit_reversal import split_problems
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="embedded model name or checkpoint folder (default: llada-chainsum)")
+    parser.add_argument("--model", default=None, help="embedded model name or checkpoint folder (default: llada-reverse)")
     parser.add_argument("--n", type=int, default=64, help="held-out problems")
     args = parser.parse_args()
     llm = LLM(args.model)

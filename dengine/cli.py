@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("rest", nargs=argparse.REMAINDER)
 
     serve = commands.add_parser("serve", help="the OpenAI-compatible API on Ray Serve")
-    serve.add_argument("--model", default=None, help="checkpoint folder or embedded model name (default llada-chainsum)")
+    serve.add_argument("--model", default=None, help="checkpoint folder or embedded model name (default llada-reverse)")
     serve.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
     serve.add_argument("--replicas", type=int, default=1)
     serve.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")

@@ -1,6 +1,6 @@
 """Talk to a running dengine server with OpenAI's Python client.
 
-    dengine serve --model llada-chainsum --replicas 1 --port 8000      # in another terminal
+    dengine serve --model llada-reverse --replicas 1 --port 8000      # in another terminal
     python examples/openai_client.py --base-url http://127.0.0.1:8000/v1
 
 Diffusion options go in `extra_body`; `max_tokens` is the generation length (the canvas size).
@@ -16,7 +16,7 @@ from openai import OpenAI
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", default="llada-chainsum")
+    parser.add_argument("--model", default="llada-reverse")
     args = parser.parse_args()
     client = OpenAI(base_url=args.base_url, api_key="unused")
     question = "Add the digits of 48461257"

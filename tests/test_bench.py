@@ -57,7 +57,7 @@ def test_calibration_script_picks_a_setting(tiny_models, tmp_path, capsys):
 def test_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
     import dengine.assets as assets
 
-    monkeypatch.setitem(assets.EMBEDDED_MODELS, "llada-chainsum", tmp_path / "absent")
-    with pytest.raises(ValueError, match="embedded model 'llada-chainsum' is not part of this build"):
+    monkeypatch.setitem(assets.EMBEDDED_MODELS, "llada-reverse", tmp_path / "absent")
+    with pytest.raises(ValueError, match="embedded model 'llada-reverse' is not part of this build"):
         assets.resolve_model(None)
     assert assets.resolve_model(tmp_path) == tmp_path

@@ -1,58 +1,70 @@
-"""The chain-sum task, the embedded tokenizer, real-format export and the training loop."""
+"""The digit-reversal task, the embedded tokenizer, real-format export and the training loop."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
-import argparse
 
 from dengine import load_model, load_tokenizer
 from dengine.models import MODEL_FAMILIES
-from dengine.tasks import ChainSumProblem, check_answer, generate_problems, split_problems
-from dengine.tasks.chain_sum import MAX_TERMS, MIN_TERMS
+from dengine.tasks import ReversalProblem, check_answer, generate_problems, split_problems
+from dengine.tasks.digit_reversal import NUM_DIGITS
 from dengine.training import train
 from dengine.training.tokenizer import specials_for, write_tokenizer
 from dengine.training.train import ProblemStream, diffusion_loss, encode_batch, init_weights, model_config
 
-terms = st.lists(st.integers(1, 9), min_size=MIN_TERMS, max_size=MAX_TERMS).map(tuple)
+digits = st.lists(st.integers(0, 9), min_size=NUM_DIGITS, max_size=NUM_DIGITS).map(tuple)
 
 
 @settings(deadline=None, max_examples=60)
-@given(terms)
+@given(digits)
 def test_worked_answer_is_accepted_and_consistent(values):
-    problem = ChainSumProblem(values)
+    problem = ReversalProblem(values)
     assert check_answer(problem, problem.answer)
     assert check_answer(problem, problem.answer + "\n")
+    assert problem.target == "".join(map(str, values))[::-1]
     lines = problem.answer.split(";")[:-1]
-    assert len(lines) == len(values) + 1 and {len(line) for line in lines} == {len(values) + 3}
-    acc = 0
-    for used, line in enumerate(lines):
-        assert line == f"{acc:02d}|" + "".join(map(str, values[used:])).ljust(len(values), "_")
-        acc += values[used] if used < len(values) else 0
+    assert len(lines) == len(values) + 1 and {len(line) for line in lines} == {2 * len(values) + 1}
+    for moved, line in enumerate(lines):
+        left, right = line.split("|")
+        # every digit is on exactly one side, the moved ones newest first
+        assert right.rstrip("_")[::-1] + left.rstrip("_") == "".join(map(str, values))
+        assert len(right.rstrip("_")) == moved
+    assert lines[-1].endswith(problem.target)
 
 
 @settings(deadline=None, max_examples=60)
-@given(terms, st.integers(-50, 50).filter(lambda d: d != 0))
-def test_wrong_totals_are_rejected(values, delta):
-    problem = ChainSumProblem(values)
-    wrong = problem.answer.rsplit("=>", 1)[0] + f"=>{problem.total + delta}"
+@given(digits, digits)
+def test_wrong_results_are_rejected(values, other):
+    problem = ReversalProblem(values)
+    assume(other != values[::-1])
+    wrong = problem.answer.rsplit("=>", 1)[0] + "=>" + "".join(map(str, other))
     assert not check_answer(problem, wrong)
+    assert not check_answer(problem, problem.answer + "0")  # one digit too many
+    assert not check_answer(problem, problem.answer[:-1])  # one digit short
 
 
 @settings(deadline=None, max_examples=60)
-@given(terms, st.text(max_size=20))
+@given(digits, st.text(max_size=20))
 def test_answers_without_the_final_marker_are_rejected(values, junk):
-    problem = ChainSumProblem(values)
+    problem = ReversalProblem(values)
     assert not check_answer(problem, problem.answer.replace("=>", "") + junk.replace("=>", ""))
+
+
+@pytest.mark.parametrize("bad", [(), (1, 10), (-1, 2)])
+def test_bad_digits_are_refused(bad):
+    with pytest.raises(ValueError, match="digits"):
+        ReversalProblem(bad)
 
 
 def test_splits_are_seeded_and_disjoint():
     train, held_out = split_problems(2000, 500)
     assert held_out == split_problems(10, 500)[1], "the held-out split does not depend on the training size"
-    assert not {p.terms for p in train} & {p.terms for p in held_out}
+    assert not {p.digits for p in train} & {p.digits for p in held_out}
     assert generate_problems(20, 3) == generate_problems(20, 3) != generate_problems(20, 4)
     lengths = [len(p.answer) + 1 for p in held_out]  # + end of turn, one token per character
     assert sum(lengths) / len(lengths) >= 48
@@ -68,8 +80,8 @@ def test_embedded_tokenizer_round_trips_task_text(tmp_path, family):
             assert len(encoded) == len(text) and tokenizer.decode(encoded) == text
     for role, token in specials_for(family).items():
         assert tokenizer.convert_tokens_to_ids(token) == ids[role]
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Add: 1 2"}], add_generation_prompt=True,
-                                         tokenize=False)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Reverse the digits of 12"}],
+                                         add_generation_prompt=True, tokenize=False)
     head = "<|startoftext|><|start_header_id|>user" if family == "llada" else "<|im_start|>system"
     assert chat.startswith(head)
 

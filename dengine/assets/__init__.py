@@ -1,4 +1,4 @@
-"""The embedded models: small LLaDA- and Dream-format checkpoints trained on the chain-sum task."""
+"""The embedded models: small LLaDA- and Dream-format checkpoints trained on the digit-reversal task."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent
 EMBEDDED_MODELS = {
-    "llada-chainsum": ASSETS / "llada-chainsum",
-    "dream-chainsum": ASSETS / "dream-chainsum",
+    "llada-reverse": ASSETS / "llada-reverse",
+    "dream-reverse": ASSETS / "dream-reverse",
 }
-DEFAULT_MODEL = "llada-chainsum"
+DEFAULT_MODEL = "llada-reverse"
 
 
 def resolve_model(model: str | Path | None) -> Path:

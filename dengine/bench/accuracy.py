@@ -1,6 +1,6 @@
-"""Accuracy harness: held-out chain-sum problems through LLM.chat, accuracy next to speed, per policy.
+"""Accuracy harness: held-out digit-reversal problems through LLM.chat, accuracy next to speed, per policy.
 
-    python -m dengine.bench.accuracy --model llada-chainsum --policies none entropy dual --n 500
+    python -m dengine.bench.accuracy --model llada-reverse --policies none entropy dual --n 500
 
 Every policy runs the same problems with the same sampler in one process; speedup is wall time of the
 first policy (the baseline, "none" by default) over the policy's. Prints a Markdown table and JSON.
@@ -22,7 +22,7 @@ import torch
 from dengine.llm import LLM
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
-from dengine.tasks.chain_sum import ChainSumProblem, check_answer, split_problems
+from dengine.tasks.digit_reversal import ReversalProblem, check_answer, split_problems
 
 
 @dataclass
@@ -50,7 +50,7 @@ def answer_length(output: RequestOutput, eos: int) -> int:
     return output.token_ids.index(eos) if eos in output.token_ids else len(output.token_ids)
 
 
-def evaluate(llm: LLM, problems: list[ChainSumProblem], params: SamplingParams, use_tqdm: bool = True,
+def evaluate(llm: LLM, problems: list[ReversalProblem], params: SamplingParams, use_tqdm: bool = True,
              samples: int = 3) -> PolicyResult:
     """Run the problems as chats and score them; params carries the policy (cache_policy / cache_config)."""
     conversations = [[{"role": "user", "content": p.question}] for p in problems]
@@ -81,7 +81,7 @@ def evaluate(llm: LLM, problems: list[ChainSumProblem], params: SamplingParams, 
     )
 
 
-def compare(llm: LLM, problems: list[ChainSumProblem], base: SamplingParams,
+def compare(llm: LLM, problems: list[ReversalProblem], base: SamplingParams,
             policies: list[tuple[str, dict[str, Any] | None]], use_tqdm: bool = True) -> list[PolicyResult]:
     """Each policy on the same problems and sampler; speedups against the first one."""
     results = []
@@ -114,7 +114,7 @@ def parse_policy(spec: str) -> tuple[str, dict[str, Any] | None]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llada-chainsum", help="embedded model name or checkpoint folder")
+    parser.add_argument("--model", default="llada-reverse", help="embedded model name or checkpoint folder")
     parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual"],
                         help='policies in order, the first is the baseline; options as \'entropy:{"tau":0.5}\'')
     parser.add_argument("--n", type=int, default=500, help="held-out problems")

@@ -1,6 +1,6 @@
 """The Ray Serve deployment: one AsyncLLMEngine per replica behind the OpenAI-compatible app.
 
-    dengine serve --model llada-chainsum --replicas 2 --num-cpus 1 --port 8000
+    dengine serve --model llada-reverse --replicas 2 --num-cpus 1 --port 8000
 
 Serve routes requests across replicas, restarts a replica that dies or fails its health check, and
 propagates client disconnects as cancellation (which aborts the request and frees its KV blocks).

@@ -1,6 +1,6 @@
-"""Train a small LLaDA- or Dream-format model on the chain-sum task with the masked-diffusion SFT objective.
+"""Train a small LLaDA- or Dream-format model on the digit-reversal task with the masked-diffusion SFT objective.
 
-    python -m dengine.training.train --family llada --out dengine/assets/llada-chainsum --steps 6000
+    python -m dengine.training.train --family llada --out dengine/assets/llada-reverse --steps 6000
 
 The objective is LLaDA's SFT: the response (answer, end-of-turn, EOS padding to gen_length) is masked at a
 ratio t ~ U(0, 1); the loss is the cross-entropy on masked positions weighted by 1/t, normalised by the
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from dengine.config import ModelConfig
 from dengine.models import MODEL_FAMILIES
 from dengine.models.loader import load_model
-from dengine.tasks.chain_sum import HELD_OUT_SEED, MAX_TERMS, MIN_TERMS, ChainSumProblem, generate_problems
+from dengine.tasks.digit_reversal import HELD_OUT_SEED, ReversalProblem, generate_problems, random_problem
 from dengine.tokenizer import load_tokenizer
 from dengine.training.dense import TrainingKV, dense_batch
 from dengine.training.export import save_checkpoint
@@ -69,23 +69,22 @@ def init_weights(model: torch.nn.Module, num_layers: int, generator: torch.Gener
 
 
 class ProblemStream:
-    """Endless seeded training problems of a given term count, never one of the held-out problems."""
+    """Endless seeded training problems, never one of the held-out problems."""
 
     def __init__(self, seed: int, held_out: int) -> None:
         self.rng = random.Random(seed)
-        self.excluded = {p.terms for p in generate_problems(held_out, HELD_OUT_SEED)}
+        self.excluded = {p.digits for p in generate_problems(held_out, HELD_OUT_SEED)}
 
-    def batch(self, size: int) -> list[ChainSumProblem]:
-        terms = self.rng.randint(MIN_TERMS, MAX_TERMS)
+    def batch(self, size: int) -> list[ReversalProblem]:
         out = []
         while len(out) < size:
-            problem = ChainSumProblem(tuple(self.rng.randint(1, 9) for _ in range(terms)))
-            if problem.terms not in self.excluded:
+            problem = random_problem(self.rng)
+            if problem.digits not in self.excluded:
                 out.append(problem)
         return out
 
 
-def encode_batch(problems: list[ChainSumProblem], tokenizer, eot: int, eos: int, gen_length: int):
+def encode_batch(problems: list[ReversalProblem], tokenizer, eot: int, eos: int, gen_length: int):
     """Canvases [B, T] (chat-templated prompt + answer + end-of-turn + EOS padding) and the prompt length."""
     rows, prompt_len = [], None
     for problem in problems:
@@ -97,7 +96,7 @@ def encode_batch(problems: list[ChainSumProblem], tokenizer, eot: int, eos: int,
             raise ValueError(f"answer of {len(answer)} tokens does not fit gen_length {gen_length}")
         prompt_len = len(prompt) if prompt_len is None else prompt_len
         if len(prompt) != prompt_len:
-            raise ValueError("a batch's prompts must have equal length (one term count per batch)")
+            raise ValueError("a batch's prompts must have equal length")
         rows.append(prompt + answer + [eos] * (gen_length - len(answer)))
     return torch.tensor(rows), prompt_len
 
@@ -126,7 +125,7 @@ def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, g
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train an embedded chain-sum model (LLaDA or Dream format).")
+    parser = argparse.ArgumentParser(description="Train an embedded digit-reversal model (LLaDA or Dream format).")
     parser.add_argument("--family", choices=sorted(MODEL_FAMILIES), required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=6000)
