@@ -23,7 +23,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "serve": ["ray[serve]>=2.40", "fastapi>=0.110", "prometheus-client>=0.17"],
-        "bench": ["matplotlib>=3.7"],
+        "bench": ["matplotlib>=3.7", "httpx>=0.24"],
         "test": ["pytest>=8", "hypothesis>=6", "httpx>=0.24", "openai>=1.0"],
     },
     entry_points={"console_scripts": ["dengine=dengine.cli:main"]},

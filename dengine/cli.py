@@ -2,6 +2,7 @@
 
     dengine demo [--model M] [--n 64]                      the main job (same as `python -m dengine`)
     dengine serve [--model M] [--replicas N] [--port P]    the OpenAI-compatible server on Ray Serve
+    dengine bench {accuracy,policies,throughput,serve} ... benchmarks (`dengine bench throughput --help`)
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import json
 import os
 import sys
 import time
+
+
+BENCHMARKS = {"accuracy": "dengine.bench.accuracy", "policies": "dengine.bench.policies",
+              "throughput": "dengine.bench.throughput", "serve": "dengine.bench.serve_load"}
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -65,8 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--gen-length", type=int, default=128, help="default when a request sets no max_tokens")
     serve.add_argument("--block-length", type=int, default=32)
 
+    bench = commands.add_parser(
+        "bench", help="benchmarks: accuracy, policies (the policy table), throughput (offline), serve (load on a server)")
+    bench.add_argument("which", choices=sorted(BENCHMARKS))
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "bench":
+        import importlib
+
+        importlib.import_module(BENCHMARKS[args.which]).main(args.rest)
+    elif args.command == "demo":
         from dengine.__main__ import main as demo_main
 
         sys.argv = ["dengine demo", *args.rest]

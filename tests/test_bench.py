@@ -61,3 +61,52 @@ def test_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="embedded model 'llada-reverse' is not part of this build"):
         assets.resolve_model(None)
     assert assets.resolve_model(tmp_path) == tmp_path
+
+
+def test_policy_table_covers_every_model_sampler_and_batch_size(tiny_models, tmp_path, capsys):
+    from dengine.bench import policies
+
+    out = tmp_path / "table"
+    rows = policies.main(["--models", str(tiny_models / "llada"), str(tiny_models / "dream"), "--policies", "none",
+                          'entropy:{"tau": 1e9, "k": 2}', "--samplers", "one-token", "threshold:0.9",
+                          "--batch-sizes", "1", "3", "--n", "3", "--dtype", "float32", "--out", str(out), "--plot",
+                          "--no-tqdm"])
+    assert len(rows) == 2 * 2 * 2 * 2
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["batch_size"], r["policy"]) for r in record["rows"][:4]] == [(1, "none"), (1, "entropy"),
+                                                                            (3, "none"), (3, "entropy")]
+    for row in record["rows"]:
+        assert row["n"] == 3 and row["speedup"] > 0
+        if row["policy"] == "none":
+            assert row["full_recompute_rate"] == 1.0 and row["speedup"] == 1.0
+        else:
+            assert row["full_recompute_rate"] < 0.5  # step 0 of each request only
+        if row["sampler"] == "one-token":
+            assert row["tokens_per_forward"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "| model | sampler |" in out.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="sampler 'two-token'"):
+        policies.sampler_params("two-token", 128, 32)
+
+
+def test_throughput_benchmark_reports_the_real_run(tiny_models, tmp_path):
+    from dengine.bench import throughput
+
+    out = tmp_path / "tp"
+    record = throughput.main(["--model", str(tiny_models / "dream"), "--policies", "none", "dual", "--concurrency",
+                              "1", "3", "--prompt-source", "random", "--input-len", "20", "--gen-length", "64",
+                              "--dtype", "float32", "--out", str(out), "--plot", "--no-tqdm"])
+    results = record["results"]
+    assert [(r["policy"], r["max_num_seqs"], r["requests"]) for r in results] == [
+        ("none", 1, 1), ("none", 1, 1), ("none", 3, 3), ("none", 1, 3), ("dual", 1, 1), ("dual", 1, 1),
+        ("dual", 3, 3), ("dual", 1, 3)]
+    for r in results:
+        assert r["nfe"] == 64 and r["tokens_per_forward"] == 1.0 and 0 < r["peak_kv_usage"] <= 1
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and r["model_tflops"] > 0
+    none_batched, none_single = results[2], results[3]
+    assert none_batched["engine_steps"] == 64 and none_single["engine_steps"] == 3 * 64
+    assert none_batched["query_tokens_per_forward"] == 20 + 64  # a full canvas every step
+    assert results[6]["query_tokens_per_forward"] < 20 + 64
+    assert "batched / one at a time" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert record["peak_tflops"] > 0

@@ -1,28 +1,37 @@
-"""Portable backend: one attention call per sequence (no padding), on every device.
+"""Portable backend: plain torch attention, on every device; the CPU default.
 
-On CUDA each sequence goes through torch's scaled_dot_product_attention. On CPU the attention is written
-out (two batched matmuls around an fp32 softmax): for the few dozen query rows of a partial step, SDPA's
-fixed per-call cost is about twice the whole computation, and partial steps are what the cache policies
-make common. GQA folds each KV head's query heads into one matmul instead of repeating K and V.
+Sequences with the same (query count, canvas length) go through one batched call of torch's
+scaled_dot_product_attention: in a batch of equal prompts every full recompute is one call, not one per
+sequence, and nothing is ever padded. On CPU a sequence alone in its group is written out instead (two
+matmuls around an fp32 softmax): SDPA's fixed per-call cost is about three times that computation for one
+sequence, while batched it wins (one 2-core measurement, 16 sequences of 168 positions, bf16: SDPA
+batched 10 ms, written out per sequence 12 ms, SDPA per sequence 24 ms, written out batched 43 ms; the
+batched scores spill the cache). GQA folds each KV head's query heads into one matmul.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 import torch.nn.functional as F
 
-from dengine.attention.base import AttentionBackend, gather_kv
+from dengine.attention.base import AttentionBackend
 from dengine.forward_batch import AttendFn, ForwardBatch
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention of q [heads, n, d] over k, v [kv_heads, s, d]; softmax in fp32."""
-    heads, n, d = q.shape
-    kv_heads = k.shape[0]
-    grouped = q.reshape(kv_heads, (heads // kv_heads) * n, d)  # query heads of one KV head, stacked
-    scores = torch.matmul(grouped, k.transpose(1, 2)).float() * d**-0.5
+    """Bidirectional attention of q [..., heads, n, d] over k, v [..., kv_heads, s, d]; softmax in fp32."""
+    *lead, heads, n, d = q.shape
+    kv_heads = k.shape[-3]
+    grouped = q.reshape(*lead, kv_heads, (heads // kv_heads) * n, d)  # query heads of one KV head, stacked
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * d**-0.5
     out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
-    return out.reshape(heads, n, d)
+    return out.reshape(*lead, heads, n, d)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -31,23 +40,35 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def plan(self, batch: ForwardBatch) -> AttendFn:
-        query_lens, seq_lens, kv_slots = batch.query_lens, batch.seq_lens, batch.kv_slots
+        # Group the sequences by shape; per group, the query rows and the key slots of its members in order.
+        members: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, shape in enumerate(zip(batch.query_lens, batch.seq_lens)):
+            members[shape].append(index)
+        q_starts = batch.cu_seqlens_q.tolist()
+        k_starts = batch.cu_seqlens_k.tolist()
+        device = batch.input_ids.device
+        groups = []
+        for (q_len, s_len), indices in members.items():
+            rows = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len) for i in indices]).to(device)
+            keys = torch.cat([torch.arange(k_starts[i], k_starts[i] + s_len) for i in indices]).to(device)
+            groups.append((len(indices), q_len, s_len, rows, batch.kv_slots.index_select(0, keys)))
+        whole = len(groups) == 1  # one group covering every row in order: no gather or scatter of q
+        alone = _sdpa if device.type == "cuda" else math_attention
 
         def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
-            keys = gather_kv(key_cache, kv_slots).transpose(0, 1)  # [kv_heads, S, head_dim]
-            values = gather_kv(value_cache, kv_slots).transpose(0, 1)
-            q = q.transpose(0, 1)  # [heads, N, head_dim]
-            if q.is_cuda:
-                def one(q_i, k_i, v_i):
-                    return F.scaled_dot_product_attention(q_i, k_i, v_i, enable_gqa=True)
-            else:
-                one = math_attention
-            outs = [
-                one(q_i, k_i, v_i)
-                for q_i, k_i, v_i in zip(
-                    q.split(query_lens, dim=1), keys.split(seq_lens, dim=1), values.split(seq_lens, dim=1)
-                )
-            ]
-            return torch.cat(outs, dim=1).transpose(0, 1)
+            heads, head_dim = q.shape[1:]
+            kv_heads = key_cache.shape[-2]
+            flat_k = key_cache.view(-1, kv_heads, head_dim)
+            flat_v = value_cache.view(-1, kv_heads, head_dim)
+            out = q if whole else torch.empty_like(q)
+            for count, q_len, s_len, rows, slots in groups:
+                qg = (q if whole else q.index_select(0, rows)).view(count, q_len, heads, head_dim).transpose(1, 2)
+                kg = flat_k.index_select(0, slots).view(count, s_len, kv_heads, head_dim).transpose(1, 2)
+                vg = flat_v.index_select(0, slots).view(count, s_len, kv_heads, head_dim).transpose(1, 2)
+                og = (alone if count == 1 else _sdpa)(qg, kg, vg).transpose(1, 2).reshape(count * q_len, heads, head_dim)
+                if whole:
+                    return og
+                out.index_copy_(0, rows, og)
+            return out
 
         return attend

@@ -20,33 +20,34 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos and sin of NeoX RoPE for absolute canvas positions, shape [N, head_dim]."""
+    """fp32 cos and sin of NeoX RoPE for absolute canvas positions, shape [N, 1, head_dim / 2].
+
+    NeoX RoPE rotates the pair (x[j], x[j + head_dim / 2]) by angle position * theta^(-2j / head_dim);
+    both halves share the angles, so only half of them are kept.
+    """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32: bool) -> torch.Tensor:
-    """Rotate x [N, heads, head_dim]; in_fp32 rotates in fp32 (LLaDA), else in x's dtype (Dream)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    """Rotate x [N, heads, head_dim]; in_fp32 rotates in fp32 (LLaDA), else in x's dtype (Dream).
+
+    Same products and sums as the reference's x * cos + rotate_half(x) * sin, without building
+    rotate_half(x) or the duplicated cos / sin.
+    """
+    first, second = x.chunk(2, dim=-1)
     if in_fp32:
-        x32 = x.float()
-        return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+        first, second = first.float(), second.float()
+    else:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -72,10 +73,11 @@ class SelfAttention(nn.Module):
         kv_cache: PagedKVCache,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(n, self.num_heads, self.head_dim), *rope, self.rope_in_fp32)
-        k = apply_rope(k.view(n, self.num_kv_heads, self.head_dim), *rope, self.rope_in_fp32)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        # q and k are adjacent in the fused projection: rotate them in one pass
+        qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(qk, *rope, self.rope_in_fp32).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         kv_cache.write(self.layer_idx, k, v, batch.slot_mapping)
         out = batch.attend(q, kv_cache.key[self.layer_idx], kv_cache.value[self.layer_idx])
         return self.o_proj(out.reshape(n, self.q_size))

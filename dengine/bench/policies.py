@@ -1,0 +1,141 @@
+"""The policy table: accuracy next to speed for every cache policy, per model, sampler and batch size.
+
+    python -m dengine.bench.policies --models llada-reverse dream-reverse --policies none entropy dual \\
+        --samplers one-token threshold:0.9 --batch-sizes 1 16 --n 64 --out docs/bench/policies
+
+Every (model, sampler, batch size) runs each policy on the same held-out problems in one process, the first
+policy being the baseline of the speedups (as in `dengine.bench.accuracy`). Writes a Markdown table, JSON,
+and with --plot (needs matplotlib, the `bench` extra) accuracy against speedup as a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from dataclasses import asdict
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from dengine.bench.accuracy import PolicyResult, compare, parse_policy
+from dengine.llm import LLM
+from dengine.sampling_params import SamplingParams
+from dengine.tasks.digit_reversal import split_problems
+
+
+def sampler_params(spec: str, gen_length: int, block_length: int) -> SamplingParams:
+    """'one-token' (one commit per step), 'threshold:0.9' or 'factor:1.0' (Fast-dLLM parallel decoding)."""
+    name, _, value = spec.partition(":")
+    base = {"gen_length": gen_length, "block_length": block_length, "stop_at_eos": True}
+    if name == "one-token" and not value:
+        return SamplingParams(**base)
+    if name in ("threshold", "factor") and value:
+        return SamplingParams(**base, **{name: float(value)})
+    raise ValueError(f"sampler {spec!r}: use one-token, threshold:VALUE or factor:VALUE")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    return f"{device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+
+
+def table(rows: list[dict]) -> str:
+    header = ("| model | sampler | batch | policy | options | accuracy | NFE | tokens/forward | query tokens/forward "
+              "| full recompute | tokens/s (before EOS) | wall s | speedup | decision share |")
+    lines = [header, "|" + "---|" * 14]
+    for row in rows:
+        r: PolicyResult = row["result"]
+        options = json.dumps(r.cache_config) if r.cache_config else ""
+        lines.append(
+            f"| {row['model']} | {row['sampler']} | {row['batch_size']} | {r.policy} | {options} | {r.accuracy:.1%} | "
+            f"{r.nfe:.1f} | {r.tokens_per_forward:.2f} | {r.avg_query_tokens:.1f} | {r.full_recompute_rate:.1%} | "
+            f"{r.answer_tokens_per_s:.1f} | {r.wall_s:.1f} | {r.speedup:.2f}x | {r.decision_share:.3%} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against speedup, one point per run, one marker per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {}
+    for row in rows:
+        r: PolicyResult = row["result"]
+        marker = markers.setdefault(r.policy, "os^Dvx*P"[len(markers) % 8])
+        label = f"{row['model']} / {row['sampler']} / batch {row['batch_size']}"
+        ax.scatter(r.speedup, 100 * r.accuracy, marker=marker, label=f"{r.policy}: {label}")
+    ax.set_xlabel("speedup over the baseline policy (wall clock)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["llada-reverse", "dream-reverse"])
+    parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual"],
+                        help='the first is the baseline; options as \'entropy:{"tau": 0.5}\'')
+    parser.add_argument("--samplers", nargs="+", default=["one-token", "threshold:0.9"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="max_num_seqs of each run")
+    parser.add_argument("--n", type=int, default=64, help="held-out problems per run")
+    parser.add_argument("--gen-length", type=int, default=128)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json (and OUT.png with --plot)")
+    parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--no-tqdm", action="store_true")
+    args = parser.parse_args(argv)
+    samplers = [(spec, sampler_params(spec, args.gen_length, args.block_length)) for spec in args.samplers]
+    policies = [parse_policy(p) for p in args.policies]
+    if any(b < 1 for b in args.batch_sizes):
+        parser.error("batch sizes must be positive")
+    _, problems = split_problems(0, args.n)
+
+    rows = []
+    for model in args.models:
+        llm = LLM(model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes))
+        for spec, params in samplers:
+            for batch_size in args.batch_sizes:
+                llm.engine.scheduler.max_num_seqs = batch_size
+                print(f"{model} / {spec} / batch {batch_size}", file=sys.stderr, flush=True)
+                for result in compare(llm, problems, params, policies, use_tqdm=not args.no_tqdm):
+                    rows.append({"model": str(model), "sampler": spec, "batch_size": batch_size, "result": result})
+    markdown = table(rows)
+    print(markdown)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        command = "python -m dengine.bench.policies " + " ".join(argv if argv is not None else sys.argv[1:])
+        header = f"`{command}` (commit {git_commit()}, {machine()}, {date.today().isoformat()})\n\n"
+        args.out.with_suffix(".md").write_text(header + markdown + "\n")
+        record = {"command": command, "commit": git_commit(), "machine": machine(), "date": date.today().isoformat(),
+                  "n": args.n, "gen_length": args.gen_length, "block_length": args.block_length,
+                  "rows": [{k: v for k, v in row.items() if k != "result"} | asdict(row["result"]) for row in rows]}
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        if args.plot:
+            plot(rows, args.out.with_suffix(".png"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The serving load benchmark against a real HTTP server on loopback (uvicorn in a thread, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from dengine import LLMEngine, SamplingParams
+from dengine.async_engine import AsyncLLMEngine
+from dengine.bench import serve_load
+from dengine.serve.server import OpenAIServer, create_app
+
+
+@pytest.fixture(scope="module")
+def server_url(chat_folders):
+    engine = LLMEngine(chat_folders["llada"], dtype="float32", kv_cache_memory=1 << 24, block_size=8)
+    server = OpenAIServer(AsyncLLMEngine(engine), "tiny", SamplingParams(gen_length=32, block_length=8))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not uv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_closed_loop_sweep_measures_every_request(server_url, tmp_path):
+    out = tmp_path / "serve"
+    record = serve_load.main(["--url", server_url, "--sweep-concurrency", "1", "3", "--num-requests", "6",
+                              "--max-tokens", "32", "--extra", '{"block_length": 8}', "--out", str(out), "--plot",
+                              "--no-tqdm"])
+    assert record["model"] == "tiny"
+    for result in record["results"]:
+        assert result["completed"] == 6 and result["failed"] == 0
+        assert result["output_tokens_per_s"] > 0
+        assert 0 < result["ttfb_ms"]["p50"] <= result["e2e_ms"]["p50"]
+        assert result["e2e_ms"]["p50"] <= result["e2e_ms"]["p90"] <= result["e2e_ms"]["p99"]
+    assert record["knee"] is not None
+    assert json.loads(out.with_suffix(".json").read_text())["results"][1]["load"] == 3
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_poisson_arrivals_and_failures_are_counted(server_url):
+    record = serve_load.main(["--url", server_url, "--rate", "20", "--num-requests", "4", "--max-tokens", "32",
+                              "--extra", '{"block_length": 8, "cache_policy": "dual"}', "--no-tqdm"])
+    assert record["results"][0]["completed"] == 4
+    bad = serve_load.main(["--url", server_url, "--concurrency", "2", "--num-requests", "3", "--max-tokens", "32",
+                           "--extra", '{"block_length": 7}', "--no-tqdm"])  # 32 is not a multiple of 7
+    result = bad["results"][0]
+    assert result["completed"] == 0 and result["failed"] == 3 and "HTTP 400" in result["errors"][0]
+
+
+def test_percentiles_by_nearest_rank_and_loopback_only():
+    values = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert serve_load.percentiles(values) == pytest.approx({"p50": 50.0, "p90": 90.0, "p99": 99.0, "mean": 50.5})
+    assert serve_load.percentiles([0.004]) == pytest.approx({"p50": 4.0, "p90": 4.0, "p99": 4.0, "mean": 4.0})
+    assert serve_load.percentiles([]) == {}
+    with pytest.raises(ValueError, match="not a loopback address"):
+        serve_load.check_loopback("http://8.8.8.8:8000")
+    serve_load.check_loopback("http://localhost:8000")
