@@ -120,3 +120,17 @@ def test_training_loss_decreases(tmp_path):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_stop_at_keeps_the_schedule_of_the_full_run(tmp_path):
+    argv = ["--family", "llada", "--warmup", "1", "--batch-size", "2", "--hidden", "32", "--layers", "1",
+            "--heads", "2", "--intermediate", "48", "--gen-length", "128", "--lr", "3e-3"]
+    train.main(argv + ["--steps", "6", "--stop-at", "3", "--out", str(tmp_path / "stopped")])
+    train.main(argv + ["--steps", "3", "--out", str(tmp_path / "short")])
+    train.main(argv + ["--steps", "6", "--stop-at", "3", "--out", str(tmp_path / "again")])
+    stopped, short, again = (load_model(tmp_path / name, dtype="float32") for name in ("stopped", "short", "again"))
+    # the first 3 steps of a 6-step schedule are not a 3-step schedule; the same command gives the same weights
+    assert not torch.equal(stopped.lm_head.weight, short.lm_head.weight)
+    assert torch.equal(stopped.lm_head.weight, again.lm_head.weight)
+    with pytest.raises(SystemExit):
+        train.main(argv + ["--steps", "3", "--stop-at", "4", "--out", str(tmp_path / "bad")])

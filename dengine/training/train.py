@@ -142,9 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop after this many steps; the learning-rate schedule still spans --steps")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights (same family and sizes) instead of a fresh init")
     args = parser.parse_args(argv)
+    stop_at = args.steps if args.stop_at is None else args.stop_at
+    if not 0 < stop_at <= args.steps:
+        parser.error(f"--stop-at must be in [1, --steps], got {args.stop_at}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     start, smoothed = time.perf_counter(), None
-    bar = tqdm(range(args.steps), desc=f"train {args.family}", dynamic_ncols=True)
+    bar = tqdm(range(stop_at), desc=f"train {args.family}", dynamic_ncols=True)
     for step in bar:
         canvas, prompt_len = encode_batch(stream.batch(args.batch_size), tokenizer, ids["end_of_turn"],
                                           ids["eos_token"], args.gen_length)
@@ -184,12 +189,12 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr_at(step):.2e}")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < stop_at:
             save_checkpoint(model, args.out)
     model.eval()
     save_checkpoint(model, args.out)
     minutes = (time.perf_counter() - start) / 60
-    print(f"saved {args.out} after {args.steps} steps in {minutes:.1f} min (final smoothed loss {smoothed:.4f})")
+    print(f"saved {args.out} after {stop_at} steps in {minutes:.1f} min (final smoothed loss {smoothed:.4f})")
 
 
 if __name__ == "__main__":
