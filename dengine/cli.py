@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     serve.add_argument("--dtype", default="bfloat16")
     serve.add_argument("--cache-policy", default="entropy")
-    serve.add_argument("--cache-config", default=None, help='JSON, e.g. \'{"tau": 0.3, "k": 8}\'')
+    serve.add_argument("--cache-config", default=None, help='JSON, e.g. \'{"tau": 0.05, "k": 8}\'')
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--kv-cache-memory", type=float, default=None, help="bytes, or a fraction of free memory")
     serve.add_argument("--gen-length", type=int, default=128, help="default when a request sets no max_tokens")

@@ -46,12 +46,15 @@ def test_calibration_script_picks_a_setting(tiny_models, tmp_path, capsys):
     spec.loader.exec_module(module)
     module.main(["--model", str(tiny_models / "llada"), "--n", "3", "--taus", "0", "1e9", "--ks", "2",
                  "--gen-length", "128", "--block-length", "32", "--tolerance", "100", "--dtype", "float32",
-                 "--json", str(tmp_path / "c.json")])
+                 "--out", str(tmp_path / "c"), "--no-tqdm"])
     printed = capsys.readouterr().out
     assert "fastest within 100.0 points" in printed
-    results = json.loads((tmp_path / "c.json").read_text())["results"]
+    record = json.loads((tmp_path / "c.json").read_text())
+    results = record["results"]
     assert [r["cache_config"] for r in results] == [None, {"tau": 0.0, "k": 2}, {"tau": 1e9, "k": 2}]
     assert results[1]["full_recompute_rate"] == 1.0 and results[2]["full_recompute_rate"] < 0.1
+    assert record["best"] in ({"tau": 0.0, "k": 2}, {"tau": 1e9, "k": 2})
+    assert "fastest within" in (tmp_path / "c.md").read_text()
 
 
 def test_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
