@@ -80,6 +80,7 @@ class Sequence:
         self.decoder.start_block(params.resolved_block_length)
         self.metrics = StepMetrics(time.perf_counter())
         self.stopped_at: int | None = None  # canvas index of the EOS that ended the request early
+        self._masked: torch.Tensor | None = None
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -105,9 +106,14 @@ class Sequence:
         return self.status in (SequenceStatus.FINISHED, SequenceStatus.ABORTED)
 
     def masked_in_block(self) -> torch.Tensor:
-        """Still-masked positions of the current block, ascending: the step's commit candidates."""
-        block = self.canvas[self.block_start : self.block_end]
-        return (block == self.mask_id).nonzero().flatten() + self.block_start
+        """Still-masked positions of the current block, ascending: the step's commit candidates.
+
+        Memoised until the canvas or the block changes (apply), since the sequence, its policy and the
+        sampler all ask for it every step."""
+        if self._masked is None:
+            block = self.canvas[self.block_start : self.block_end]
+            self._masked = (block == self.mask_id).nonzero().flatten() + self.block_start
+        return self._masked
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -145,6 +151,7 @@ class Sequence:
         )
         outcome = self.decoder.step(candidates, rows, self.block_step, head_only)
         self.canvas[outcome.positions] = outcome.tokens
+        self._masked = None
         if self.uncond_canvas is not None:
             self.uncond_canvas[outcome.positions] = outcome.tokens
 
