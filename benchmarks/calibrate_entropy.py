@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from dataclasses import asdict
-from datetime import date
 from pathlib import Path
 
 from dengine.bench.accuracy import compare, markdown_table
-from dengine.bench.policies import git_commit, machine, sampler_params
+from dengine.bench.policies import sampler_params
+from dengine.bench.report import run_record, write_report
 from dengine.llm import LLM
 from dengine.tasks.digit_reversal import split_problems
 
@@ -71,14 +70,9 @@ def main(argv: list[str] | None = None) -> None:
                    f"({best.accuracy:.1%} vs {results[0].accuracy:.1%}, {best.speedup:.2f}x)")
     markdown = markdown_table(results) + "\n\n" + verdict
     print(markdown)
-    if args.out is not None:
-        command = "python benchmarks/calibrate_entropy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        record = {"command": command, "commit": git_commit(), "machine": machine(), "date": date.today().isoformat(),
-                  "best": None if best is None else best.cache_config, "results": [asdict(r) for r in results]}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        header = f"`{command}` (commit {record['commit']}, {record['machine']}, {record['date']})\n\n"
-        args.out.with_suffix(".md").write_text(header + markdown + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    record = run_record("python benchmarks/calibrate_entropy.py", argv,
+                        best=None if best is None else best.cache_config, results=[asdict(r) for r in results])
+    write_report(args.out, record, markdown)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from dengine.bench.report import run_record
 from dengine.llm import LLM
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
@@ -135,15 +132,11 @@ def main(argv: list[str] | None = None) -> None:
                           threshold=args.threshold, stop_at_eos=args.stop_at_eos)
     results = compare(llm, problems, base, [parse_policy(p) for p in args.policies], not args.no_tqdm)
     print(markdown_table(results))
-    record = {
-        "command": "python -m dengine.bench.accuracy " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "model": str(args.model),
-        "sampler": {f: getattr(base, f) for f in ("gen_length", "block_length", "steps", "threshold", "stop_at_eos")},
-        "batch_size": args.batch_size,
-        "results": [asdict(r) for r in results],
-    }
+    record = run_record(
+        "python -m dengine.bench.accuracy", argv, model=str(args.model),
+        sampler={f: getattr(base, f) for f in ("gen_length", "block_length", "steps", "threshold", "stop_at_eos")},
+        batch_size=args.batch_size, results=[asdict(r) for r in results],
+    )
     print(json.dumps(record, indent=2))
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")

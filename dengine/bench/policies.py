@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 from dataclasses import asdict
-from datetime import date
 from pathlib import Path
 
-import torch
-
 from dengine.bench.accuracy import PolicyResult, compare, parse_policy
+from dengine.bench.report import run_record, write_report
 from dengine.llm import LLM
 from dengine.sampling_params import SamplingParams
 from dengine.tasks.digit_reversal import split_problems
@@ -36,20 +32,6 @@ def sampler_params(spec: str, gen_length: int, block_length: int) -> SamplingPar
     if name in ("threshold", "factor") and value:
         return SamplingParams(**base, **{name: float(value)})
     raise ValueError(f"sampler {spec!r}: use one-token, threshold:VALUE or factor:VALUE")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    return f"{device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
 
 
 def table(rows: list[dict]) -> str:
@@ -123,17 +105,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     rows.append({"model": str(model), "sampler": spec, "batch_size": batch_size, "result": result})
     markdown = table(rows)
     print(markdown)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = "python -m dengine.bench.policies " + " ".join(argv if argv is not None else sys.argv[1:])
-        header = f"`{command}` (commit {git_commit()}, {machine()}, {date.today().isoformat()})\n\n"
-        args.out.with_suffix(".md").write_text(header + markdown + "\n")
-        record = {"command": command, "commit": git_commit(), "machine": machine(), "date": date.today().isoformat(),
-                  "n": args.n, "gen_length": args.gen_length, "block_length": args.block_length,
-                  "rows": [{k: v for k, v in row.items() if k != "result"} | asdict(row["result"]) for row in rows]}
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-        if args.plot:
-            plot(rows, args.out.with_suffix(".png"))
+    record = run_record("python -m dengine.bench.policies", argv, n=args.n, gen_length=args.gen_length,
+                        block_length=args.block_length,
+                        rows=[{k: v for k, v in row.items() if k != "result"} | asdict(row["result"]) for row in rows])
+    write_report(args.out, record, markdown, (lambda path: plot(rows, path)) if args.plot else None)
     return rows
 
 

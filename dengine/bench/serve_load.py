@@ -23,17 +23,15 @@ import json
 import math
 import random
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import date
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 from tqdm.auto import tqdm
 
-from dengine.bench.policies import git_commit, machine
+from dengine.bench.report import run_record, write_report
 from dengine.tasks.digit_reversal import split_problems
 
 
@@ -241,17 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
         markdown += (f"\n\nsaturation knee: {saturation.mode} {saturation.load:g} "
                      f"({saturation.output_tokens_per_s:.1f} output tokens/s, 90% of the sweep's best)")
     print(markdown)
-    command = "python -m dengine.bench.serve_load " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"command": command, "commit": git_commit(), "machine": machine(), "date": date.today().isoformat(),
-              "model": model, "results": [asdict(r) for r in results],
-              "knee": None if saturation is None else asdict(saturation)}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        header = f"`{command}` (commit {record['commit']}, client on {record['machine']}, {record['date']})\n\n"
-        args.out.with_suffix(".md").write_text(header + markdown + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-        if args.plot:
-            plot(results, args.out.with_suffix(".png"))
+    record = run_record("python -m dengine.bench.serve_load", argv, model=model, results=[asdict(r) for r in results],
+                        knee=None if saturation is None else asdict(saturation))
+    write_report(args.out, record, markdown, (lambda path: plot(results, path)) if args.plot else None)
     return record
 
 

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dengine.bench.accuracy import answer_length, parse_policy
-from dengine.bench.policies import git_commit, machine, sampler_params
+from dengine.bench.policies import sampler_params
+from dengine.bench.report import run_record, write_report
 from dengine.config import ModelConfig
 from dengine.llm import LLM
 from dengine.tasks.digit_reversal import split_problems
@@ -215,16 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     markdown = table(results) + ("\n\n" + ratio_table(pairs) if pairs else "")
     print(markdown)
     print(f"\nmeasured peak: {peak / 1e12:.2f} TFLOP/s ({dtype}, one 2048^3 matmul)")
-    command = "python -m dengine.bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = {"command": command, "commit": git_commit(), "machine": machine(), "date": date.today().isoformat(),
-              "peak_tflops": peak / 1e12, "results": [asdict(r) for r in results]}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        header = f"`{command}` (commit {record['commit']}, {record['machine']}, {record['date']})\n\n"
-        args.out.with_suffix(".md").write_text(header + markdown + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-        if args.plot and pairs:
-            plot(pairs, args.out.with_suffix(".png"))
+    record = run_record("python -m dengine.bench.throughput", argv, peak_tflops=peak / 1e12,
+                        results=[asdict(r) for r in results])
+    write_report(args.out, record, markdown, (lambda path: plot(pairs, path)) if args.plot and pairs else None)
     return record
 
 
