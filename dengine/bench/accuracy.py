@@ -89,17 +89,23 @@ def compare(llm: LLM, problems: list[ReversalProblem], base: SamplingParams,
     return results
 
 
-def markdown_table(results: list[PolicyResult]) -> str:
-    header = ("| policy | options | accuracy | NFE | tokens/forward | query tokens/forward | full recompute | "
-              "tokens/s (all) | tokens/s (before EOS) | wall s | speedup | decision share |")
-    lines = [header, "|" + "---|" * 12]
-    for r in results:
-        options = json.dumps(r.cache_config) if r.cache_config else ""
-        lines.append(
-            f"| {r.policy} | {options} | {r.accuracy:.1%} | {r.nfe:.1f} | {r.tokens_per_forward:.2f} | "
-            f"{r.avg_query_tokens:.1f} | {r.full_recompute_rate:.1%} | {r.tokens_per_s:.1f} | "
-            f"{r.answer_tokens_per_s:.1f} | {r.wall_s:.1f} | {r.speedup:.2f}x | {r.decision_share:.3%} |"
-        )
+COLUMNS = ("policy", "options", "accuracy", "NFE", "tokens/forward", "query tokens/forward", "full recompute",
+           "tokens/s (all)", "tokens/s (before EOS)", "wall s", "speedup", "decision share")
+
+
+def markdown_table(results: list[PolicyResult], leading: dict[str, list[str]] | None = None) -> str:
+    """One row per result; leading adds columns (name -> one cell per result) before the policy."""
+    leading = leading or {}
+    names = [*leading, *COLUMNS]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for i, r in enumerate(results):
+        cells = [cells_of[i] for cells_of in leading.values()] + [
+            r.policy, json.dumps(r.cache_config) if r.cache_config else "", f"{r.accuracy:.1%}", f"{r.nfe:.1f}",
+            f"{r.tokens_per_forward:.2f}", f"{r.avg_query_tokens:.1f}", f"{r.full_recompute_rate:.1%}",
+            f"{r.tokens_per_s:.1f}", f"{r.answer_tokens_per_s:.1f}", f"{r.wall_s:.1f}", f"{r.speedup:.2f}x",
+            f"{r.decision_share:.3%}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

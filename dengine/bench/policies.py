@@ -11,12 +11,11 @@ and with --plot (needs matplotlib, the `bench` extra) accuracy against speedup a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from dengine.bench.accuracy import PolicyResult, compare, parse_policy
+from dengine.bench.accuracy import PolicyResult, compare, markdown_table, parse_policy
 from dengine.bench.report import run_record, write_report
 from dengine.llm import LLM
 from dengine.sampling_params import SamplingParams
@@ -35,18 +34,9 @@ def sampler_params(spec: str, gen_length: int, block_length: int) -> SamplingPar
 
 
 def table(rows: list[dict]) -> str:
-    header = ("| model | sampler | batch | policy | options | accuracy | NFE | tokens/forward | query tokens/forward "
-              "| full recompute | tokens/s (before EOS) | wall s | speedup | decision share |")
-    lines = [header, "|" + "---|" * 14]
-    for row in rows:
-        r: PolicyResult = row["result"]
-        options = json.dumps(r.cache_config) if r.cache_config else ""
-        lines.append(
-            f"| {row['model']} | {row['sampler']} | {row['batch_size']} | {r.policy} | {options} | {r.accuracy:.1%} | "
-            f"{r.nfe:.1f} | {r.tokens_per_forward:.2f} | {r.avg_query_tokens:.1f} | {r.full_recompute_rate:.1%} | "
-            f"{r.answer_tokens_per_s:.1f} | {r.wall_s:.1f} | {r.speedup:.2f}x | {r.decision_share:.3%} |"
-        )
-    return "\n".join(lines)
+    leading = {"model": [row["model"] for row in rows], "sampler": [row["sampler"] for row in rows],
+               "batch": [str(row["batch_size"]) for row in rows]}
+    return markdown_table([row["result"] for row in rows], leading)
 
 
 def plot(rows: list[dict], path: Path) -> None:
