@@ -29,7 +29,7 @@ class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
 
 def max_entropy(probs: torch.Tensor) -> float:
     """max_i H(p_i) over the rows of probs (natural log, 0 log 0 = 0)."""
-    return float(torch.special.entr(probs).sum(-1).max())
+    return torch.special.entr(probs).sum(-1).max().item()
 
 
 class EntropyCache(CachePolicy):
@@ -46,6 +46,8 @@ class EntropyCache(CachePolicy):
     def plan(self, seq) -> torch.Tensor | None:
         if self.needs_full_recompute or (self.options.refresh_on_block_start and seq.block_step == 0):
             return None
+        if not self.recent.numel():
+            return seq.masked_in_block()
         return torch.cat([self.recent, seq.masked_in_block()])
 
     def observe(self, seq, outcome, full: bool) -> None:
