@@ -16,7 +16,8 @@ from dengine.tasks.digit_reversal import split_problems
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="embedded model name or checkpoint folder (default: llada-reverse)")
+    parser.add_argument("--model", default=None,
+                        help="embedded model name or checkpoint folder (default: llada-reverse)")
     parser.add_argument("--n", type=int, default=64, help="held-out problems")
     args = parser.parse_args()
     llm = LLM(args.model)
@@ -25,7 +26,8 @@ def main() -> None:
     results = compare(llm, problems, base, [("none", None), ("entropy", None)])
     cached = results[-1]
     for sample in cached.samples:
-        print(f"Q: {sample['question']}\nA: {sample['got']}   ({'right' if sample['correct'] == 'True' else 'wrong'})\n")
+        verdict = "right" if sample["correct"] == "True" else "wrong"
+        print(f"Q: {sample['question']}\nA: {sample['got']}   ({verdict})\n")
     print(markdown_table(results))
     print(f"\nEntropyCache: accuracy {cached.accuracy:.1%} (exact decoding {results[0].accuracy:.1%}), "
           f"{cached.tokens_per_s:.0f} tokens/s, {cached.speedup:.2f}x faster than policy 'none'")

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--block-length", type=int, default=32)
 
     bench = commands.add_parser(
-        "bench", help="benchmarks: accuracy, policies (the policy table), throughput (offline), serve (load on a server)")
+        "bench", help="benchmarks: accuracy, policies, throughput (offline), serve (load on a server)")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 

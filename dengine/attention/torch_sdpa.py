@@ -40,33 +40,37 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def plan(self, batch: ForwardBatch) -> AttendFn:
-        # Group the sequences by shape; per group, the query rows and the key slots of its members in order.
+        # Group the sequences by shape: (count, query len, canvas len, query rows, key slots) per group.
+        # One group (the common case) covers every row and key in order: nothing to gather or scatter.
         members: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, shape in enumerate(zip(batch.query_lens, batch.seq_lens)):
             members[shape].append(index)
-        q_starts = batch.cu_seqlens_q.tolist()
-        k_starts = batch.cu_seqlens_k.tolist()
-        device = batch.input_ids.device
-        groups = []
-        for (q_len, s_len), indices in members.items():
-            rows = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len) for i in indices]).to(device)
-            keys = torch.cat([torch.arange(k_starts[i], k_starts[i] + s_len) for i in indices]).to(device)
-            groups.append((len(indices), q_len, s_len, rows, batch.kv_slots.index_select(0, keys)))
-        whole = len(groups) == 1  # one group covering every row in order: no gather or scatter of q
-        alone = _sdpa if device.type == "cuda" else math_attention
+        if len(members) == 1:
+            ((q_len, s_len), indices), = members.items()
+            groups = [(len(indices), q_len, s_len, None, batch.kv_slots)]
+        else:
+            q_starts, k_starts = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
+            device, groups = batch.input_ids.device, []
+            for (q_len, s_len), indices in members.items():
+                rows = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len) for i in indices]).to(device)
+                keys = torch.cat([torch.arange(k_starts[i], k_starts[i] + s_len) for i in indices]).to(device)
+                groups.append((len(indices), q_len, s_len, rows, batch.kv_slots.index_select(0, keys)))
+        alone = _sdpa if batch.input_ids.is_cuda else math_attention
 
         def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
             heads, head_dim = q.shape[1:]
             kv_heads = key_cache.shape[-2]
             flat_k = key_cache.view(-1, kv_heads, head_dim)
             flat_v = value_cache.view(-1, kv_heads, head_dim)
-            out = q if whole else torch.empty_like(q)
+            out = None if len(groups) == 1 else torch.empty_like(q)
             for count, q_len, s_len, rows, slots in groups:
-                qg = (q if whole else q.index_select(0, rows)).view(count, q_len, heads, head_dim).transpose(1, 2)
-                kg = flat_k.index_select(0, slots).view(count, s_len, kv_heads, head_dim).transpose(1, 2)
-                vg = flat_v.index_select(0, slots).view(count, s_len, kv_heads, head_dim).transpose(1, 2)
-                og = (alone if count == 1 else _sdpa)(qg, kg, vg).transpose(1, 2).reshape(count * q_len, heads, head_dim)
-                if whole:
+                qg = (q if rows is None else q.index_select(0, rows)).view(count, q_len, heads, head_dim)
+                kg = flat_k.index_select(0, slots).view(count, s_len, kv_heads, head_dim)
+                vg = flat_v.index_select(0, slots).view(count, s_len, kv_heads, head_dim)
+                attention = alone if count == 1 else _sdpa
+                og = attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)).transpose(1, 2)
+                og = og.reshape(count * q_len, heads, head_dim)
+                if out is None:
                     return og
                 out.index_copy_(0, rows, og)
             return out

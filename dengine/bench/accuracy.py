@@ -47,6 +47,19 @@ def answer_length(output: RequestOutput, eos: int) -> int:
     return output.token_ids.index(eos) if eos in output.token_ids else len(output.token_ids)
 
 
+def output_stats(outputs: list[RequestOutput], wall: float, eos: int) -> dict[str, float]:
+    """The speed metrics of methods.md section 7 over finished requests that took wall seconds together."""
+    forwards = sum(o.metrics.nfe for o in outputs)
+    return {
+        "nfe": forwards / len(outputs),
+        "tokens_per_forward": sum(o.metrics.committed_tokens for o in outputs) / forwards,
+        "query_tokens_per_forward": sum(o.metrics.query_tokens for o in outputs) / forwards,
+        "full_recompute_rate": sum(o.metrics.full_recomputes for o in outputs) / forwards,
+        "tokens_per_s": sum(len(o.token_ids) for o in outputs) / wall,
+        "answer_tokens_per_s": sum(answer_length(o, eos) for o in outputs) / wall,
+    }
+
+
 def evaluate(llm: LLM, problems: list[ReversalProblem], params: SamplingParams, use_tqdm: bool = True,
              samples: int = 3) -> PolicyResult:
     """Run the problems as chats and score them; params carries the policy (cache_policy / cache_config)."""
@@ -54,22 +67,20 @@ def evaluate(llm: LLM, problems: list[ReversalProblem], params: SamplingParams, 
     start = time.perf_counter()
     outputs = llm.chat(conversations, params, use_tqdm=use_tqdm)
     wall = time.perf_counter() - start
-    eos = llm.engine.config.eos_token_id
     correct = [check_answer(p, o.text or "") for p, o in zip(problems, outputs)]
-    n = len(outputs)
-    total_steps = sum(o.metrics.nfe for o in outputs)
+    stats = output_stats(outputs, wall, llm.engine.config.eos_token_id)
     return PolicyResult(
         policy=outputs[0].metrics.cache_policy,
         cache_config=params.cache_config,
-        n=n,
-        accuracy=sum(correct) / n,
+        n=len(outputs),
+        accuracy=sum(correct) / len(outputs),
         wall_s=wall,
-        nfe=total_steps / n,
-        tokens_per_forward=sum(o.metrics.committed_tokens for o in outputs) / total_steps,
-        avg_query_tokens=sum(o.metrics.query_tokens for o in outputs) / total_steps,
-        full_recompute_rate=sum(o.metrics.full_recomputes for o in outputs) / total_steps,
-        tokens_per_s=sum(len(o.token_ids) for o in outputs) / wall,
-        answer_tokens_per_s=sum(answer_length(o, eos) for o in outputs) / wall,
+        nfe=stats["nfe"],
+        tokens_per_forward=stats["tokens_per_forward"],
+        avg_query_tokens=stats["query_tokens_per_forward"],
+        full_recompute_rate=stats["full_recompute_rate"],
+        tokens_per_s=stats["tokens_per_s"],
+        answer_tokens_per_s=stats["answer_tokens_per_s"],
         decision_share=sum(o.metrics.decision_seconds for o in outputs) / wall,
         samples=[
             {"question": p.question, "expected": p.answer, "got": o.text or "", "correct": str(ok)}

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dengine.bench.accuracy import PolicyResult, compare, markdown_table, parse_policy
-from dengine.bench.report import run_record, write_report
+from dengine.bench.report import figure, run_record, write_report
 from dengine.llm import LLM
 from dengine.sampling_params import SamplingParams
 from dengine.tasks.digit_reversal import split_problems
@@ -41,26 +41,18 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Accuracy against speedup, one point per run, one marker per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {}
-    for row in rows:
-        r: PolicyResult = row["result"]
-        marker = markers.setdefault(r.policy, "os^Dvx*P"[len(markers) % 8])
-        label = f"{row['model']} / {row['sampler']} / batch {row['batch_size']}"
-        ax.scatter(r.speedup, 100 * r.accuracy, marker=marker, label=f"{r.policy}: {label}")
-    ax.set_xlabel("speedup over the baseline policy (wall clock)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_xscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(7, 4.5)) as (_, ax):
+        markers = {}
+        for row in rows:
+            r: PolicyResult = row["result"]
+            marker = markers.setdefault(r.policy, "os^Dvx*P"[len(markers) % 8])
+            label = f"{row['model']} / {row['sampler']} / batch {row['batch_size']}"
+            ax.scatter(r.speedup, 100 * r.accuracy, marker=marker, label=f"{r.policy}: {label}")
+        ax.set_xlabel("speedup over the baseline policy (wall clock)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, loc="lower left")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

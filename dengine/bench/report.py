@@ -6,7 +6,8 @@ import json
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -46,3 +47,20 @@ def write_report(out: Path | None, record: dict[str, Any], markdown: str,
     out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     if plot is not None:
         plot(out.with_suffix(".png"))
+
+
+@contextmanager
+def figure(path: Path, **subplots: Any) -> Iterator[tuple[Any, Any]]:
+    """A matplotlib figure (headless) saved as a PNG at path when the block ends: `with figure(p) as (fig, ax)`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 import httpx
 from tqdm.auto import tqdm
 
-from dengine.bench.report import run_record, write_report
+from dengine.bench.report import figure, run_record, write_report
 from dengine.tasks.digit_reversal import split_problems
 
 
@@ -176,28 +176,20 @@ def table(results: list[LoadResult]) -> str:
 
 
 def plot(results: list[LoadResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     loads = [r.load for r in results]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(loads, [r.output_tokens_per_s for r in results], marker="o")
-    left.set_ylabel("output tokens/s")
-    for q in ("p50", "p90", "p99"):
-        right.plot(loads, [r.e2e_ms.get(q, float("nan")) for r in results], marker="o", label=f"end-to-end {q}")
-    right.plot(loads, [r.ttfb_ms.get("p50", float("nan")) for r in results], marker="x", linestyle="--",
-               label="first block p50")
-    right.set_ylabel("latency (ms)")
-    right.legend(fontsize=7)
-    xlabel = "request rate (req/s)" if results[0].mode == "rate" else "concurrent clients"
-    for ax in (left, right):
-        ax.set_xlabel(xlabel)
-        ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, ncols=2, figsize=(10, 4)) as (_, (left, right)):
+        left.plot(loads, [r.output_tokens_per_s for r in results], marker="o")
+        left.set_ylabel("output tokens/s")
+        for q in ("p50", "p90", "p99"):
+            right.plot(loads, [r.e2e_ms.get(q, float("nan")) for r in results], marker="o", label=f"end-to-end {q}")
+        right.plot(loads, [r.ttfb_ms.get("p50", float("nan")) for r in results], marker="x", linestyle="--",
+                   label="first block p50")
+        right.set_ylabel("latency (ms)")
+        right.legend(fontsize=7)
+        xlabel = "request rate (req/s)" if results[0].mode == "rate" else "concurrent clients"
+        for ax in (left, right):
+            ax.set_xlabel(xlabel)
+            ax.grid(True, alpha=0.3)
 
 
 def main(argv: list[str] | None = None) -> dict:

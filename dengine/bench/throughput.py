@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dengine.bench.accuracy import answer_length, parse_policy
+from dengine.bench.accuracy import output_stats, parse_policy
 from dengine.bench.policies import sampler_params
-from dengine.bench.report import run_record, write_report
+from dengine.bench.report import figure, run_record, write_report
 from dengine.config import ModelConfig
 from dengine.llm import LLM
 from dengine.tasks.digit_reversal import split_problems
@@ -95,7 +95,8 @@ def run(llm: LLM, prompts: list[dict], params, max_num_seqs: int, use_tqdm: bool
     """Every prompt through the engine at once (max_num_seqs at a time), timing the real step loop."""
     engine = llm.engine
     engine.scheduler.max_num_seqs = max_num_seqs
-    sequences = [engine.make_sequence(f"bench-{time.monotonic_ns()}-{i}", p, params) for i, p in enumerate(prompts)]
+    batch = time.monotonic_ns()
+    sequences = [engine.make_sequence(f"bench-{batch}-{i}", p, params) for i, p in enumerate(prompts)]
     outputs, steps, peak_usage = [], 0, 0.0
     bar = tqdm(total=len(sequences), desc=f"{params.cache_policy} x{max_num_seqs}", unit="req",
                disable=not use_tqdm, dynamic_ncols=True)
@@ -110,19 +111,11 @@ def run(llm: LLM, prompts: list[dict], params, max_num_seqs: int, use_tqdm: bool
         bar.update(len(finished))
     wall = time.perf_counter() - start
     bar.close()
-    forwards = sum(o.metrics.nfe for o in outputs)
-    query = sum(o.metrics.query_tokens for o in outputs)
     flops = sum(o.metrics.query_tokens * flops_per_query_token(engine.config, len(o.prompt_token_ids)
                                                                 + params.gen_length) for o in outputs)
-    eos = engine.config.eos_token_id
     return ThroughputResult(
         policy=params.cache_policy, cache_config=params.cache_config, requests=len(outputs),
-        max_num_seqs=max_num_seqs, wall_s=wall,
-        tokens_per_s=sum(len(o.token_ids) for o in outputs) / wall,
-        answer_tokens_per_s=sum(answer_length(o, eos) for o in outputs) / wall,
-        nfe=forwards / len(outputs), tokens_per_forward=sum(o.metrics.committed_tokens for o in outputs) / forwards,
-        query_tokens_per_forward=query / forwards,
-        full_recompute_rate=sum(o.metrics.full_recomputes for o in outputs) / forwards,
+        max_num_seqs=max_num_seqs, wall_s=wall, **output_stats(outputs, wall, engine.config.eos_token_id),
         engine_steps=steps, mean_step_ms=1e3 * wall / steps, peak_kv_usage=peak_usage,
         model_tflops=flops / wall / 1e12, mfu=flops / wall / peak,
     )
@@ -130,7 +123,8 @@ def run(llm: LLM, prompts: list[dict], params, max_num_seqs: int, use_tqdm: bool
 
 def table(results: list[ThroughputResult]) -> str:
     lines = ["| policy | options | requests | max_num_seqs | tokens/s (all) | tokens/s (before EOS) | NFE | "
-             "tokens/forward | query tokens/forward | full recompute | engine steps | ms/step | peak KV | TFLOP/s | MFU |",
+             "tokens/forward | query tokens/forward | full recompute | engine steps | ms/step | peak KV | TFLOP/s "
+             "| MFU |",
              "|" + "---|" * 15]
     for r in results:
         options = json.dumps(r.cache_config) if r.cache_config else ""
@@ -152,25 +146,18 @@ def ratio_table(pairs: list[tuple[ThroughputResult, ThroughputResult]]) -> str:
 
 
 def plot(pairs: list[tuple[ThroughputResult, ThroughputResult]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in dict.fromkeys(b.policy for b, _ in pairs):
-        chosen = [(b, s) for b, s in pairs if b.policy == policy]
-        xs = [b.max_num_seqs for b, _ in chosen]
-        ax.plot(xs, [b.tokens_per_s for b, _ in chosen], marker="o", label=f"{policy}, batched")
-        ax.plot(xs, [s.tokens_per_s for _, s in chosen], marker="x", linestyle="--", label=f"{policy}, one at a time")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("generated tokens/s (all positions)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(6, 4)) as (_, ax):
+        for policy in dict.fromkeys(b.policy for b, _ in pairs):
+            chosen = [(b, s) for b, s in pairs if b.policy == policy]
+            xs = [b.max_num_seqs for b, _ in chosen]
+            ax.plot(xs, [b.tokens_per_s for b, _ in chosen], marker="o", label=f"{policy}, batched")
+            ax.plot(xs, [s.tokens_per_s for _, s in chosen], marker="x", linestyle="--",
+                    label=f"{policy}, one at a time")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("generated tokens/s (all positions)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> dict:
