@@ -34,7 +34,8 @@ class ServerMetrics:
         self.requests = Counter("dengine_requests", "HTTP requests by endpoint and status",
                                 ["model", "endpoint", "status"], registry=self.registry)
         self.gauges = {name: Gauge(name, text, ["model"], registry=self.registry) for name, text in _GAUGES.items()}
-        self.counters = {name: Counter(name, text, ["model"], registry=self.registry) for name, text in _COUNTERS.items()}
+        self.counters = {name: Counter(name, text, ["model"], registry=self.registry)
+                         for name, text in _COUNTERS.items()}
         self.model = model
         self._finished: collections.deque[tuple[float, int]] = collections.deque()
         self._last = EngineStats(waiting=0, running=0, kv_blocks_used=0, kv_blocks_total=1, steps=0,

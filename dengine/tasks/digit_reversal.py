@@ -72,7 +72,8 @@ def generate_problems(count: int, seed: int) -> list[ReversalProblem]:
     return [random_problem(rng) for _ in range(count)]
 
 
-def split_problems(num_train: int, num_held_out: int, seed: int = 0) -> tuple[list[ReversalProblem], list[ReversalProblem]]:
+def split_problems(num_train: int, num_held_out: int,
+                   seed: int = 0) -> tuple[list[ReversalProblem], list[ReversalProblem]]:
     """Train and held-out splits; the held-out split is fixed, training problems never equal one of it."""
     held_out = generate_problems(num_held_out, HELD_OUT_SEED)
     excluded = {p.digits for p in held_out}

@@ -1,10 +1,12 @@
 """Train a small LLaDA- or Dream-format model on the digit-reversal task with the masked-diffusion SFT objective.
 
-    python -m dengine.training.train --family llada --out dengine/assets/llada-reverse --steps 6000
+    python -m dengine.training.train --family llada --out dengine/assets/llada-reverse --steps 2500 --stop-at 1800 \
+        --warmup 100 --lr 2e-3 --batch-size 32 --threads 1     # the shipped model (its card has the rest)
 
 The objective is LLaDA's SFT: the response (answer, end-of-turn, EOS padding to gen_length) is masked at a
 ratio t ~ U(0, 1); the loss is the cross-entropy on masked positions weighted by 1/t, normalised by the
-response length (stratified ratios and exact mask counts keep its variance low; see diffusion_loss). The Dream-format model predicts token i from position i - 1 (Dream's shift). Seeded,
+response length (stratified ratios and exact mask counts keep its variance low; see diffusion_loss).
+The Dream-format model predicts token i from position i - 1 (Dream's shift). Seeded,
 reproducible, bf16 autocast on CPU.
 """
 
