@@ -9,6 +9,7 @@ Fast-dLLM's threshold and factor rules.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,27 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Keep the top_k largest logits of each row."""
     kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+def certainty_density(known: torch.Tensor, sigma: float) -> torch.Tensor:
+    """d2Cache's certainty density of each generated position: a Gaussian-weighted share of known neighbours.
+
+    D(i) = sum_j exp(-(i - j)^2 / (2 sigma^2)) known(j) / sum_j exp(-(i - j)^2 / (2 sigma^2)), j over the
+    generation region extended by its own length on both sides: the left side (the prompt) counts as known,
+    the right side as known only when the last generated position is. Float64; the kernel is cut at 40 sigma,
+    where its weight is below 1e-300.
+    """
+    g = known.numel()
+    extended = torch.ones(3 * g, dtype=torch.float64)
+    extended[g : 2 * g] = known.double()
+    if not bool(known[-1]):
+        extended[2 * g :] = 0.0
+    radius = min(2 * g - 1, math.ceil(40 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2)).view(1, 1, -1)
+    weighted = F.conv1d(extended.view(1, 1, -1), kernel, padding=radius).flatten()[g : 2 * g]
+    mass = F.conv1d(torch.ones(1, 1, 3 * g, dtype=torch.float64), kernel, padding=radius).flatten()[g : 2 * g]
+    return weighted / mass
 
 
 def threshold_count(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -89,11 +111,17 @@ class Decoder:
         self._schedule = llada_transfer_schedule(num_masked, self.params.steps_per_block)
 
     def step(
-        self, candidates: torch.Tensor, logits: torch.Tensor, block_step: int, head_only: bool
+        self,
+        candidates: torch.Tensor,
+        logits: torch.Tensor,
+        block_step: int,
+        head_only: bool,
+        density: torch.Tensor | None = None,
     ) -> StepOutcome:
         """Commit some of candidates (ascending canvas positions) given their logits [n, vocab].
 
         head_only commits exactly candidates[0] (Dream's block-start rule under prefix / dual caching).
+        density (certainty-prior decoding) multiplies each candidate's confidence before the commit rule.
         The mask token itself is never committed: a committed MASK would stay masked forever.
         """
         logits = logits.clone()
@@ -106,6 +134,9 @@ class Decoder:
             tokens, confidence, probs = self._dream_sample(logits)
         else:
             tokens, confidence, probs = self._llada_sample(logits)
+        if density is not None:
+            # -inf marks a token that may never be chosen first; keep it so, even where the density is 0.
+            confidence = torch.where(confidence.isneginf(), confidence, confidence * density.to(confidence.dtype))
         if head_only:
             chosen = torch.zeros(1, dtype=torch.long)
         else:

@@ -71,7 +71,9 @@ class LLMEngine:
             kv_cache_memory = DEFAULT_CUDA_KV_FRACTION if self.device.type == "cuda" else DEFAULT_CPU_KV_FRACTION
         budget = resolve_memory_budget(kv_cache_memory, self.device)
         num_blocks = PagedKVCache.num_blocks_for_budget(self.config, block_size, dtype_, budget)
-        self.kv_manager = KVCacheManager(num_blocks, block_size)
+        self.kv_manager = KVCacheManager(
+            num_blocks, block_size, PagedKVCache.outputs_per_block_for(self.config, block_size)
+        )
         self.kv_cache = PagedKVCache(self.config, num_blocks, block_size, dtype_, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, backend)
         self.scheduler = Scheduler(self.kv_manager, max_num_seqs, max_num_batched_tokens)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from dengine.attention.probe import AttentionProbe
+    from dengine.layer_reuse import LayerReuse
 
 # attend(q [N, heads, head_dim], key_cache, value_cache) -> [N, heads, head_dim]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,6 +35,8 @@ class ForwardBatch:
     kv_slots: torch.Tensor  # [sum(seq_lens)] flat slot of every key position, sequence after sequence
     block_size: int
     attend: AttendFn = field(default=None, repr=False)  # type: ignore[assignment]  # set by the backend's plan
+    layer_reuse: LayerReuse | None = field(default=None, repr=False)  # some sequences reuse layer outputs
+    probe: AttentionProbe | None = field(default=None, repr=False)  # some sequences record attention
 
     @property
     def max_query_len(self) -> int:

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from dengine.attention import AttentionBackend, select_backend
+from dengine.attention.probe import AttentionProbe
 from dengine.forward_batch import ForwardBatch
 from dengine.kv.kv_cache import PagedKVCache
+from dengine.layer_reuse import LayerReuse
 from dengine.models.transformer import DiffusionLM
+
+
+@dataclass
+class CachedOutputs:
+    """dLLM-Cache's share of a query: past layer 0 its rows reuse their cached attention and FFN outputs,
+    except `always` and, per layer, the `count` candidates whose new V differs most from the cached V."""
+
+    output_table: Sequence[int]  # pool blocks holding the sequence's per-layer outputs
+    always: torch.Tensor  # canvas positions recomputed at every layer (a subset of query_positions)
+    candidates: torch.Tensor  # canvas positions competing for the recomputed rows (a subset too, disjoint)
+    count: int
 
 
 @dataclass
@@ -21,6 +34,18 @@ class SequenceQuery:
     block_table: Sequence[int]
     query_positions: torch.Tensor  # [n] distinct canvas indices whose K/V are recomputed
     logits_positions: torch.Tensor | None = None  # subset of query_positions; None means all of them
+    cached_outputs: CachedOutputs | None = None
+    record_attention: bool = False
+    # Filled by the runner when record_attention: per layer, the head-averaged attention probabilities
+    # [len(query_positions), T] of the query rows, in query_positions order.
+    attention: list[torch.Tensor] | None = None
+
+    @property
+    def is_full(self) -> bool:
+        """A full recompute: every position, every layer."""
+        n = int(self.query_positions.numel())
+        reuses = self.cached_outputs is not None and self.cached_outputs.always.numel() < n
+        return n == self.token_ids.numel() and not reuses
 
     @property
     def num_logits(self) -> int:
@@ -104,14 +129,95 @@ class ModelRunner:
             block_size=bs,
         )
         batch.attend = self.backend.plan(batch)
+        starts = _cumulative(query_lens).tolist()
+        if any(q.cached_outputs is not None for q in queries):
+            batch.layer_reuse = self._layer_reuse(batch, queries, starts, slots)
+        recorded = [i for i, q in enumerate(queries) if q.record_attention]
+        if recorded:
+            batch.probe = AttentionProbe(
+                [(starts[i], query_lens[i], kv_slots[i].to(self.device)) for i in recorded]
+            )
         return batch
+
+    def _layer_reuse(
+        self, batch: ForwardBatch, queries: Sequence[SequenceQuery], starts: list[int], slots: list[torch.Tensor]
+    ) -> LayerReuse:
+        """The per-layer row selection of a batch in which some sequences reuse cached layer outputs."""
+        n = starts[-1]
+        reusing = torch.zeros(n, dtype=torch.bool)
+        fixed = torch.ones(n, dtype=torch.bool)
+        blocks, offsets = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        candidates, candidate_slots, partial_lens = [], [], []
+        per_block = self.kv_cache.outputs_per_block
+        for query, start, row_slots in zip(queries, starts, slots):
+            spec = query.cached_outputs
+            pos = _positions_tensor(query.query_positions)
+            if spec is None:
+                partial_lens.append(pos.numel())
+                continue
+            rows = slice(start, start + pos.numel())
+            row_of = torch.full((query.token_ids.numel(),), -1, dtype=torch.long)
+            row_of[pos] = torch.arange(start, start + pos.numel())
+            always, competing = row_of[_positions_tensor(spec.always)], row_of[_positions_tensor(spec.candidates)]
+            if bool((always < 0).any()) or bool((competing < 0).any()):
+                raise ValueError("cached_outputs lists positions that are not computed")
+            reusing[rows] = True
+            fixed[rows] = False
+            fixed[always] = True
+            table = torch.as_tensor(list(spec.output_table), dtype=torch.long)
+            blocks[rows], offsets[rows] = table[pos // per_block], pos % per_block
+            count = min(spec.count, competing.numel())
+            if competing.numel():
+                candidates.append((competing.to(self.device), count))
+                candidate_slots.append(row_slots[competing - start])
+            partial_lens.append(always.numel() + count)
+        attend_rows = None
+        if partial_lens != batch.query_lens:
+            attend_rows = self.backend.plan(self._rows_batch(batch, partial_lens)) if any(partial_lens) else _no_rows
+        device = self.device
+        return LayerReuse(
+            reusing.to(device),
+            fixed.to(device),
+            blocks.to(device),
+            offsets.to(device),
+            candidates,
+            torch.cat(candidate_slots).to(device) if candidate_slots else torch.zeros(0, dtype=torch.long, device=device),
+            attend_rows,
+        )
+
+    def _rows_batch(self, batch: ForwardBatch, query_lens: list[int]) -> ForwardBatch:
+        """batch with each sequence computing query_lens[i] rows; sequences computing none are left out."""
+        keep = [i for i, count in enumerate(query_lens) if count]
+        k_starts = batch.cu_seqlens_k.tolist()
+        seq_lens = [batch.seq_lens[i] for i in keep]
+        kept_lens = [query_lens[i] for i in keep]
+        return replace(
+            batch,
+            query_lens=kept_lens,
+            seq_lens=seq_lens,
+            cu_seqlens_q=_cumulative(kept_lens).to(self.device),
+            cu_seqlens_k=_cumulative(seq_lens).to(self.device),
+            block_tables=batch.block_tables[keep],
+            kv_slots=torch.cat([batch.kv_slots[k_starts[i] : k_starts[i + 1]] for i in keep]),
+            attend=None,
+            layer_reuse=None,
+        )
 
     @torch.inference_mode()
     def run(self, queries: Sequence[SequenceQuery]) -> list[torch.Tensor]:
         """One forward over the ragged batch; per sequence, logits [num_logits, vocab] in request order."""
         batch = self.prepare(queries)
         logits = self.model(batch, self.kv_cache)
+        if batch.probe is not None:
+            recorded = [q for q in queries if q.record_attention]
+            for query, layers in zip(recorded, batch.probe.records):
+                query.attention = layers
         return list(logits.split([q.num_logits for q in queries]))
+
+
+def _no_rows(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+    """Attention of a layer that recomputes no row: nothing."""
+    return q
 
 
 def _cumulative(lengths: list[int]) -> torch.Tensor:

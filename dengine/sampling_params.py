@@ -31,6 +31,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     eps: float | None = None  # Dream: final timestep (default 1e-3)
     threshold: float | None = None  # Fast-dLLM: commit every in-block mask with confidence >= threshold
     factor: float | None = None  # Fast-dLLM factor rule
+    sigma: float | None = None  # certainty-prior decoding: rank by confidence * certainty density (d2Cache)
     cfg_scale: float = 0.0  # LLaDA classifier-free guidance
     logits_eos_inf: bool = False  # LLaDA: EOS can never be sampled
     confidence_eos_eot_inf: bool = False  # LLaDA: EOS / EOT never count as confident
@@ -69,6 +70,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             _check_float("factor", self.factor, low=0.0, low_open=True)
         if self.remasking == "origin" and (self.threshold is not None or self.factor is not None):
             raise ValueError("remasking 'origin' commits at random and cannot use threshold or factor")
+        if self.sigma is not None:
+            _check_float("sigma", self.sigma, low=0.0, low_open=True)
+            if self.remasking == "origin":
+                raise ValueError("remasking 'origin' commits at random and has no confidence for sigma to weight")
         _check_float("cfg_scale", self.cfg_scale, low=0.0)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)

@@ -10,8 +10,9 @@ import torch
 from checkpoints import write_checkpoint
 from dengine import LLM, LLMEngine, SamplingParams
 from dengine.kv import RequestTooLargeError
+from dengine.kv.policies import POLICIES as REGISTERED
 
-POLICIES = ["none", "prefix", "dual"]
+POLICIES = sorted(REGISTERED)
 
 
 def _llm(folder, policy="none", **kwargs):

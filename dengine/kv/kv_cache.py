@@ -41,7 +41,8 @@ class PagedKVCache:
     """key[layer] and value[layer]: [num_blocks, block_size, kv_heads, head_dim] each.
 
     Keys are stored after RoPE: positions are absolute canvas indices, so a cached key stays valid
-    until its own position is recomputed.
+    until its own position is recomputed. A block can instead hold per-layer outputs (dLLM-Cache): the
+    attention outputs of outputs_per_block tokens in its key half, their FFN outputs in its value half.
     """
 
     def __init__(
@@ -57,6 +58,22 @@ class PagedKVCache:
         self.block_size = block_size
         self.key = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.value = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.hidden_size = config.hidden_size
+        self.outputs_per_block = self.outputs_per_block_for(config, block_size)
+
+    @staticmethod
+    def outputs_per_block_for(config: ModelConfig, block_size: int) -> int:
+        """How many tokens' attention and FFN outputs (hidden_size each) one block's K and V halves hold."""
+        return block_size * config.kv_dim // config.hidden_size
+
+    def layer_outputs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [num_blocks, outputs_per_block, hidden] of the layer's key and value blocks: the cached
+        attention outputs and FFN outputs; writes through them land in the pool."""
+        used = self.outputs_per_block * self.hidden_size
+        return tuple(  # type: ignore[return-value]
+            cache.view(self.num_blocks, -1)[:, :used].view(self.num_blocks, self.outputs_per_block, self.hidden_size)
+            for cache in (self.key[layer], self.value[layer])
+        )
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -71,16 +71,30 @@ class SelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         batch: ForwardBatch,
         kv_cache: PagedKVCache,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention outputs of x's rows: every batch row, or the sorted batch rows listed in rows."""
         n = x.shape[0]
+        slot_mapping, attend = batch.slot_mapping, batch.attend
+        if rows is not None:
+            rope = (rope[0].index_select(0, rows), rope[1].index_select(0, rows))
+            slot_mapping, attend = slot_mapping.index_select(0, rows), batch.layer_reuse.attend_rows
         qkv = self.qkv_proj(x)
         # q and k are adjacent in the fused projection: rotate them in one pass
         qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
         q, k = apply_rope(qk, *rope, self.rope_in_fp32).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
-        kv_cache.write(self.layer_idx, k, v, batch.slot_mapping)
-        out = batch.attend(q, kv_cache.key[self.layer_idx], kv_cache.value[self.layer_idx])
+        kv_cache.write(self.layer_idx, k, v, slot_mapping)
+        if batch.probe is not None:
+            batch.probe.record(q, kv_cache.key[self.layer_idx], rows)
+        out = attend(q, kv_cache.key[self.layer_idx], kv_cache.value[self.layer_idx])
         return self.o_proj(out.reshape(n, self.q_size))
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """V alone [n, kv_heads, head_dim] of x's rows (dLLM-Cache compares it with the cached V)."""
+        start = self.q_size + self.kv_size
+        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[start:]
+        return F.linear(x, self.qkv_proj.weight[start:], bias).view(-1, self.num_kv_heads, self.head_dim)
 
 
 class SwiGLU(nn.Module):
@@ -113,5 +127,16 @@ class DecoderLayer(nn.Module):
         batch: ForwardBatch,
         kv_cache: PagedKVCache,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, batch, kv_cache)
-        return x + self.mlp(self.mlp_norm(x))
+        reuse = batch.layer_reuse
+        if reuse is None:
+            x = x + self.attn(self.attn_norm(x), rope, batch, kv_cache)
+            return x + self.mlp(self.mlp_norm(x))
+        # Some sequences reuse cached attention / FFN outputs (dLLM-Cache): compute only this layer's rows.
+        h = self.attn_norm(x)
+        layer = self.attn.layer_idx
+        rows = reuse.select(layer, h, self.attn.values, kv_cache)
+        if rows.active is not None:
+            h = h.index_select(0, rows.active)
+        x = reuse.merge(x, self.attn(h, rope, batch, kv_cache, rows.active), rows, layer, 0, kv_cache)
+        h = self.mlp_norm(x if rows.active is None else x.index_select(0, rows.active))
+        return reuse.merge(x, self.mlp(h), rows, layer, 1, kv_cache)

@@ -38,7 +38,7 @@ class Scheduler:
 
     def check_admissible(self, seq: Sequence) -> None:
         """Raise ValueError if seq could never be scheduled (KV pool or token budget too small)."""
-        self.kv.check_fits(seq.num_tokens, copies=seq.num_branches)
+        self.kv.check_fits(seq.num_tokens, copies=seq.num_branches, layer_outputs=seq.policy.stores_layer_outputs)
         if seq.kv_tokens > self.max_num_batched_tokens:
             raise ValueError(
                 f"a full recompute of this request costs {seq.kv_tokens} tokens but max_num_batched_tokens "
@@ -55,12 +55,13 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.kv.can_allocate(seq.num_tokens, copies=seq.num_branches):
+            outputs = seq.policy.stores_layer_outputs
+            if not self.kv.can_allocate(seq.num_tokens, copies=seq.num_branches, layer_outputs=outputs):
                 break
             self.waiting.popleft()
-            seq.block_tables = [
-                self.kv.allocate((seq.request_id, branch), seq.num_tokens) for branch in range(seq.num_branches)
-            ]
+            keys = [(seq.request_id, branch) for branch in range(seq.num_branches)]
+            seq.block_tables = [self.kv.allocate(key, seq.num_tokens, layer_outputs=outputs) for key in keys]
+            seq.output_tables = [self.kv.output_table(key) for key in keys] if outputs else []
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
 
@@ -97,6 +98,7 @@ class Scheduler:
         for branch in range(seq.num_branches):
             self.kv.free((seq.request_id, branch))
         seq.block_tables = []
+        seq.output_tables = []
 
     def abort(self, request_id: Hashable) -> Sequence | None:
         """Remove a request wherever it is and free its blocks; None if it is unknown or done."""

@@ -9,9 +9,9 @@ from collections.abc import Hashable
 import torch
 
 from dengine.config import ModelConfig
-from dengine.decoding import Decoder, StepOutcome
+from dengine.decoding import Decoder, StepOutcome, certainty_density
 from dengine.kv.policies.base import CachePolicy
-from dengine.model_runner import SequenceQuery
+from dengine.model_runner import CachedOutputs, SequenceQuery
 from dengine.sampling_params import SamplingParams
 
 
@@ -71,6 +71,7 @@ class Sequence:
             self.uncond_canvas = self.canvas.clone()
             self.uncond_canvas[: self.prompt_len] = self.mask_id
         self.block_tables: list[list[int]] = []
+        self.output_tables: list[list[int]] = []  # per-layer output blocks, when the policy stores them
         self.status = SequenceStatus.WAITING
         self.block_index = 0
         self.block_step = 0
@@ -81,6 +82,11 @@ class Sequence:
         self.metrics = StepMetrics(time.perf_counter())
         self.stopped_at: int | None = None  # canvas index of the EOS that ended the request early
         self._masked: torch.Tensor | None = None
+        self._scored = torch.zeros(0, dtype=torch.long)  # this step's scored masks, as last planned
+        # What the last step computed, for policies that learn from more than the commits (d2Cache):
+        # the masked positions scored and their logits; the computed rows and their attention per layer.
+        self.last_scored: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_attention: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -119,20 +125,42 @@ class Sequence:
 
     def plan(self) -> list[SequenceQuery]:
         """This step's query sets (one per branch); pure, so a deferred step can be planned again."""
-        candidates = self.masked_in_block()
-        scored = (candidates - self.logit_shift).clamp_min(0)
         start = time.perf_counter()
         chosen = self.policy.plan(self)
+        reuse = self.policy.reuse(self) if self.policy.stores_layer_outputs else None
         self.metrics.decision_seconds += time.perf_counter() - start
+        self._scored = self._scored_masks(chosen)
+        scored = (self._scored - self.logit_shift).clamp_min(0)
         if chosen is None:
             query = torch.arange(self.num_tokens)
         else:
             query = torch.cat([chosen, scored]).unique()
         canvases = [self.canvas] if self.uncond_canvas is None else [self.canvas, self.uncond_canvas]
+        outputs = self.output_tables or [None] * len(canvases)
         return [
-            SequenceQuery(canvas, table, query, logits_positions=scored)
-            for canvas, table in zip(canvases, self.block_tables)
+            SequenceQuery(
+                canvas,
+                table,
+                query,
+                logits_positions=scored,
+                cached_outputs=None if reuse is None else CachedOutputs(output_table, *reuse),
+                record_attention=self.policy.records_attention,
+            )
+            for canvas, table, output_table in zip(canvases, self.block_tables, outputs)
         ]
+
+    def _scored_masks(self, chosen: torch.Tensor | None) -> torch.Tensor:
+        """Masked positions whose logits this step reads: the current block's; for a policy that picks its
+        own rows, every masked position they score, plus the block's if they score none of it."""
+        if not self.policy.scores_planned_rows:
+            return self.masked_in_block()
+        masked = (self.canvas[self.prompt_len :] == self.mask_id).nonzero().flatten() + self.prompt_len
+        if chosen is None:
+            return masked
+        masked = masked[torch.isin((masked - self.logit_shift).clamp_min(0), chosen)]
+        if not bool(((masked >= self.block_start) & (masked < self.block_end)).any()):
+            masked = torch.cat([masked, self.masked_in_block()]).unique()
+        return masked
 
     def apply(self, queries: list[SequenceQuery], logits: list[torch.Tensor]) -> StepOutcome:
         """Commit from this step's logits, let the policy learn, and advance blocks."""
@@ -140,8 +168,14 @@ class Sequence:
         if self.uncond_canvas is not None:
             cond, uncond = logits
             rows = uncond + (self.params.cfg_scale + 1) * (cond - uncond)
-        candidates = self.masked_in_block()
-        full = queries[0].query_positions.numel() == self.num_tokens
+        candidates = self._scored
+        if self.policy.scores_planned_rows:
+            self.last_scored = (candidates, rows)
+            in_block = (candidates >= self.block_start) & (candidates < self.block_end)
+            candidates, rows = candidates[in_block], rows[in_block]
+        if queries[0].attention is not None:
+            self.last_attention = (queries[0].query_positions, queries[0].attention)
+        full = queries[0].is_full
         head_only = (
             self.is_dream
             and full
@@ -149,7 +183,11 @@ class Sequence:
             and self.policy.commits_block_head_at_refresh
             and (self.params.parallel or self.params.steps_per_block > 1)
         )
-        outcome = self.decoder.step(candidates, rows, self.block_step, head_only)
+        density = None
+        if self.params.sigma is not None:
+            known = self.canvas[self.prompt_len :] != self.mask_id
+            density = certainty_density(known, self.params.sigma)[candidates - self.prompt_len]
+        outcome = self.decoder.step(candidates, rows, self.block_step, head_only, density)
         self.canvas[outcome.positions] = outcome.tokens
         self._masked = None
         if self.uncond_canvas is not None:

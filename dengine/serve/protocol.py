@@ -2,7 +2,7 @@
 unknown fields and out-of-range values are errors) before anything reaches the engine.
 
 Diffusion options ride along as extra body fields (the `extra_body` of OpenAI's Python client):
-gen_length, block_length, steps, threshold, factor, remasking (or Dream's name `alg`), alg_temp,
+gen_length, block_length, steps, threshold, factor, remasking (or Dream's name `alg`), alg_temp, sigma,
 cfg_scale, stop_at_eos, cache_policy, cache_config, and `tau` / `k` as shorthands for the EntropyCache
 options. OpenAI's `max_tokens` is the generation length: a diffusion model decodes a canvas of exactly
 that many positions (it may end early with EOS), so `max_tokens` and `gen_length` are the same field and
@@ -57,6 +57,7 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     remasking: str | None = None
     alg: str | None = None
     alg_temp: float | None = None
+    sigma: float | None = None
     cfg_scale: float | None = None
     stop_at_eos: bool | None = None
     cache_policy: str | None = None
@@ -83,7 +84,7 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             if self.steps is None and defaults.steps is not None:
                 changes["steps"] = None
         for name in ("block_length", "steps", "temperature", "top_p", "top_k", "seed", "threshold", "factor",
-                     "alg_temp", "cfg_scale", "stop_at_eos", "cache_policy"):
+                     "alg_temp", "sigma", "cfg_scale", "stop_at_eos", "cache_policy"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value

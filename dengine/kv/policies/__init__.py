@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from dengine.kv.policies.base import CachePolicy
+from dengine.kv.policies.d2cache import D2Cache
+from dengine.kv.policies.dllm import DLLMCache
 from dengine.kv.policies.entropy import EntropyCache
 from dengine.kv.policies.fast_dllm import DualCache, PrefixCache
 from dengine.kv.policies.none import NoCache
 
-POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (NoCache, PrefixCache, DualCache, EntropyCache)}
+POLICIES: dict[str, type[CachePolicy]] = {
+    cls.name: cls for cls in (NoCache, PrefixCache, DualCache, EntropyCache, DLLMCache, D2Cache)
+}
 
 
 def policy_class(name: str) -> type[CachePolicy]:

@@ -24,6 +24,14 @@ class CachePolicy:
     # Dream only: a refresh step at a block start commits exactly the block's first position, so that
     # later windows starting at the block start never need the output at block_start - 1.
     commits_block_head_at_refresh: ClassVar[bool] = False
+    # dLLM-Cache: the sequence reserves pool blocks for per-layer attention and FFN outputs, and reuse()
+    # says which rows recompute them.
+    stores_layer_outputs: ClassVar[bool] = False
+    # d2Cache: plan() chooses every computed row, masks outside the current block included; the step reads
+    # logits at every masked position those rows score, and commits only among the block's.
+    scores_planned_rows: ClassVar[bool] = False
+    # d2Cache: the runner records the head-averaged attention probabilities of the computed rows.
+    records_attention: ClassVar[bool] = False
 
     def __init__(self, options: msgspec.Struct) -> None:
         self.options = options
@@ -38,6 +46,11 @@ class CachePolicy:
 
     def plan(self, seq: Sequence) -> torch.Tensor | None:
         """Positions to recompute this step (None: all). The engine adds the positions it must score."""
+        raise NotImplementedError
+
+    def reuse(self, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """stores_layer_outputs only: (positions recomputed at every layer, candidates, how many candidates
+        each layer past the first recomputes); the other computed rows reuse their cached outputs."""
         raise NotImplementedError
 
     def observe(self, seq: Sequence, outcome: StepOutcome, full: bool) -> None:
