@@ -194,7 +194,8 @@ class Decoder:
     def _timestep_pair(self, block_step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Dream's (t, s) for this step of the block, and whether it is the block's last step."""
         last = block_step >= self.params.steps_per_block - 1
-        t = self._timesteps[block_step]
+        # A policy that limits the candidates (d2Cache) can need steps past the schedule: each is a last step.
+        t = self._timesteps[min(block_step, self.params.steps_per_block - 1)]
         return t, self._timesteps[block_step + 1] if not last else self._timesteps[-1], last
 
     def _origin_choice(self, n: int, block_step: int) -> torch.Tensor:

@@ -1,0 +1,246 @@
+"""dLLM-Cache and d2Cache as engine policies, and certainty-prior decoding: forced refreshes equal exact
+decoding, the selection rules on hand-checked cases, and the layer outputs' place in the KV pool."""
+
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dengine import LLM, SamplingParams
+from dengine.decoding import certainty_density
+from dengine.kv.policies.d2cache import D2Cache, inflate, nucleus, rollout_importance
+from dengine.kv.policies import make_policy
+
+SAMPLERS = [
+    dict(gen_length=24, block_length=8, steps=24),
+    dict(gen_length=24, block_length=8, steps=12, threshold=0.3),
+]
+
+
+def _llm(folder, policy="none", **kwargs):
+    kwargs.setdefault("kv_cache_memory", 1 << 24)
+    return LLM(folder, dtype="float64", cache_policy=policy, block_size=8, **kwargs)
+
+
+def _prompt(seed, n=7):
+    return {"prompt_token_ids": [random.Random(seed).randrange(300) for _ in range(n)]}
+
+
+def _sampler(family, sampler):
+    return {**sampler, "remasking": "maskgit_plus"} if family == "dream" else sampler
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=["one-per-step", "threshold"])
+@pytest.mark.parametrize("policy, config", [
+    ("dllm", {"kp": 1, "kr": 1}),
+    ("d2cache", {"current_k": 10_000, "rollout_p": 1.0}),
+    ("d2cache", {"current_k": 10_000, "rollout_p": 1.0, "frozen_confidence": True}),
+], ids=["dllm", "d2cache", "d2cache-frozen"])
+def test_refreshing_everything_equals_exact_decoding(folders, family, sampler, policy, config, seed):
+    sampler = _sampler(family, sampler)
+    exact = _llm(folders[family]).generate(_prompt(seed), SamplingParams(**sampler), use_tqdm=False)[0]
+    params = SamplingParams(**sampler, cache_config=config)
+    out = _llm(folders[family], policy).generate(_prompt(seed), params, use_tqdm=False)[0]
+    assert out.token_ids == exact.token_ids
+    assert out.metrics.nfe == exact.metrics.nfe and out.metrics.cache_policy == policy
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_caches_compute_fewer_rows_and_reuse_changes_tokens_somewhere(folders, family, seed):
+    """The defaults compute fewer query tokens than exact decoding; the least refreshing settings decode
+    some prompt differently on these sharp random models (a cache that changed nothing would be suspicious)."""
+    sampler = SamplingParams(**_sampler(family, dict(gen_length=32, block_length=8, steps=32)))
+    prompts = [_prompt(seed + i, 9) for i in range(24)]
+    exact = _llm(folders[family]).generate(prompts, sampler, use_tqdm=False)
+    least = {"dllm": {"rho": 0.0, "kp": 1000, "kr": 1000}, "d2cache": {"current_k": 1, "rollout_p": 0.0}}
+    for policy, config in least.items():
+        outs = _llm(folders[family], policy).generate(prompts, sampler, use_tqdm=False)
+        assert all(o.metrics.avg_query_tokens < e.metrics.avg_query_tokens for o, e in zip(outs, exact))
+        assert all(o.metrics.full_recomputes == 1 for o in outs)
+        outs = _llm(folders[family], policy, cache_config=config).generate(prompts, sampler, use_tqdm=False)
+        assert any(o.token_ids != e.token_ids for o, e in zip(outs, exact)), policy
+
+
+def test_dllm_refresh_schedule_and_query_sets():
+    policy = make_policy("dllm", {"kp": 3, "kr": 2, "rho": 0.5})
+    seq = SimpleNamespace(prompt_len=4, num_tokens=12)
+    seen = []
+    for _ in range(7):
+        plan = policy.plan(seq)
+        always, candidates, count = policy.reuse(seq)
+        seen.append((plan is None, always.tolist(), candidates.tolist(), count))
+        policy.observe(seq, None, False)
+    prompt, response = list(range(4)), list(range(4, 12))
+    assert seen == [
+        (True, prompt + response, [], 0),  # step 0: both refresh
+        (False, [], response, 4),  # neither: V for all 8 response rows, int(0.5 * 8) recomputed per layer
+        (False, response, [], 0),  # response refresh (step 2)
+        (True, prompt, response, 4),  # prompt refresh only (step 3)
+        (False, response, [], 0),
+        (False, [], response, 4),
+        (True, prompt + response, [], 0),  # step 6: both
+    ]
+
+
+def test_layer_outputs_take_blocks_from_the_kv_pool(folders):
+    llm = _llm(folders["llada"], "dllm")
+    manager = llm.engine.kv_manager
+    per_block = llm.engine.kv_cache.outputs_per_block
+    assert per_block == 8 * llm.engine.config.kv_dim // llm.engine.config.hidden_size
+    assert manager.blocks_needed(30, layer_outputs=True) == math.ceil(30 / 8) + math.ceil(30 / per_block)
+    engine = llm.engine
+    engine.add_request("a", {"prompt_token_ids": [1, 2, 3, 4, 5, 6]}, SamplingParams(gen_length=24, block_length=8))
+    engine.add_request("b", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(gen_length=8, cache_policy="none"))
+    engine.step()
+    used = manager.pool.num_blocks - manager.num_free_blocks
+    assert used == manager.blocks_needed(30, layer_outputs=True) + manager.blocks_needed(11)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert manager.num_free_blocks == manager.pool.num_blocks
+
+
+def test_admission_counts_the_layer_outputs(folders):
+    # a pool exactly as large as one sequence's K/V is too small once its layer outputs count
+    engine = _llm(folders["llada"], kv_cache_memory=4 * 16384).engine
+    assert engine.kv_manager.pool.num_blocks == 4
+    params = SamplingParams(gen_length=30, cache_policy="dllm")
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request("x", {"prompt_token_ids": [1, 2]}, params)
+    engine.add_request("y", {"prompt_token_ids": [1, 2]}, params.replace(cache_policy="none"))
+
+
+def test_certainty_density_by_hand():
+    # G = 2, known = [no, yes]: the canvas extends to j = -2..3 with known = [1, 1, 0, 1, 1, 1].
+    k = lambda d: math.exp(-(d**2) / 2)  # noqa: E731
+    known = [1, 1, 0, 1, 1, 1]
+    expected = [sum(k(i - j) * m for j, m in zip(range(-2, 4), known)) / sum(k(i - j) for j in range(-2, 4))
+                for i in (0, 1)]
+    got = certainty_density(torch.tensor([False, True]), sigma=1.0)
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+    # the right side is unknown while the last position is: density falls off towards the end
+    falling = certainty_density(torch.tensor([True, False, False, False, False]), sigma=1.0)
+    assert torch.all(falling[1:] < falling[:-1]) and falling[-1] < 0.3
+    # a tiny sigma sees only the position itself
+    mixed = torch.tensor([True, False, True, True, False, True])
+    assert torch.allclose(certainty_density(mixed, sigma=0.05), mixed.double())
+
+
+def test_rollout_importance_by_hand_and_against_the_dense_product(seed):
+    # two positions, one layer, row 0 attends half/half: W = [[0.75, 0.25], [0, 1]], column sums [0.75, 1.25]
+    got = rollout_importance(torch.tensor([0]), [torch.tensor([[0.5, 0.5]])], 2)
+    assert torch.allclose(got, torch.tensor([0.75, 1.25], dtype=torch.float64))
+    generator = torch.Generator().manual_seed(seed)
+    length, layers = 9, 3
+    rows = torch.tensor(sorted(random.Random(seed).sample(range(length), 4)))
+    probs = [torch.rand(rows.numel(), length, generator=generator).softmax(-1) for _ in range(layers)]
+    rollout = torch.eye(length, dtype=torch.float64)
+    for p in probs:
+        e = torch.eye(length, dtype=torch.float64)
+        e[rows] = p.double()
+        w = e + torch.eye(length, dtype=torch.float64)
+        rollout = (w / w.sum(-1, keepdim=True)) @ rollout
+    assert torch.allclose(rollout_importance(rows, probs, length), rollout.sum(0), atol=1e-12)
+
+
+def test_nucleus_and_inflation_by_hand():
+    importance = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    everything = torch.ones(4, dtype=torch.bool)
+    assert nucleus(importance, everything, 0.5).tolist() == [0]  # 0.4 <= 0.5 < 0.7
+    assert nucleus(importance, everything, 0.75).tolist() == [0, 1]
+    assert nucleus(importance, everything, 0.01).tolist() == [0]  # at least one
+    not_first = torch.tensor([False, True, True, True])
+    assert nucleus(importance, not_first, 0.5).tolist() == [1]  # 3/6 = 0.5
+    assert nucleus(importance, not_first, 0.9).tolist() == [1, 2]  # 0.5, 0.83, then 1.0
+    assert nucleus(importance, not_first, 1.0).tolist() == [1, 2, 3]
+    assert nucleus(importance, torch.zeros(4, dtype=torch.bool), 0.5).numel() == 0
+    chosen = torch.tensor([1, 0, 0, 1, 0, 0, 0, 1, 0], dtype=torch.bool)
+    assert inflate(chosen, 3).int().tolist() == [1, 1, 1, 1, 0, 0, 0, 1, 0]
+    assert inflate(chosen, 4).int().tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 0]  # the ends never fill
+    assert inflate(chosen, 0).tolist() == chosen.tolist()
+
+
+def _fake_sequence(**fields):
+    return SimpleNamespace(prompt_len=2, block_start=6, block_end=10, num_tokens=14, mask_id=0,
+                           params=SimpleNamespace(resolved_block_length=4), **fields)
+
+
+def test_d2cache_mask_selection_biases_the_block_and_ends_its_window_at_a_block_boundary():
+    # prompt 2, generation 12 in blocks of 4; the current block is generated indices 4..7
+    seq = _fake_sequence()
+    remaining = torch.tensor([0, 0, 0, 0, 0, 1, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
+    confidence = torch.tensor([0, 0, 0, 0, 0, 0.01, 0, 0.8, 0.5, 0.9, 0.9, 0.9], dtype=torch.float64)
+
+    def choose(k):
+        policy = D2Cache(D2Cache.parse_options({"current_k": k, "sigma": 1.0}))
+        policy.confidence = confidence.clone()
+        return sorted(policy._choose_masks(seq, remaining).tolist())
+
+    # k 3: the window runs to the end of the block holding the 3rd mask (index 8), i.e. 4..11. Mask 5 is
+    # the least confident but in the block; 8 beats the more confident 9..11 by density (nearer known 6).
+    assert choose(3) == [5, 7, 8]
+    assert choose(2) == [5, 7]  # the window is the block alone
+    assert choose(100) == [5, 7, 8, 9, 10, 11]  # fewer masks than k: every one
+
+
+def test_d2cache_confidence_is_updated_or_frozen_at_step_0():
+    logits = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    for frozen in (False, True):
+        policy = D2Cache(D2Cache.parse_options({"frozen_confidence": frozen}))
+        policy._update_confidence(_fake_sequence(last_scored=(torch.tensor([2, 3]), logits)))
+        first = policy.confidence.clone()
+        # MASK (id 0) is excluded: softmax over ids 1, 2
+        assert first[:2].tolist() == pytest.approx([math.exp(2) / (math.exp(2) + 1), 0.5])
+        policy._update_confidence(_fake_sequence(last_scored=(torch.tensor([3]), logits[:1])))
+        assert policy.confidence[1].item() == pytest.approx(0.5 if frozen else first[0].item())
+
+
+def test_certainty_prior_decoding_commits_by_confidence_times_density(folders, seed):
+    """sigma: no blocks, and the commits follow confidence * density (almost left to right)."""
+    llm = _llm(folders["llada"])
+    plain = SamplingParams(gen_length=32, steps=32)
+    outs = {sigma: llm.generate(_prompt(seed, 5), plain.replace(sigma=sigma), use_tqdm=False)[0]
+            for sigma in (None, 0.5, 1e6)}
+    # an enormous sigma makes the density nearly uniform: the same choices as plain confidence
+    assert outs[1e6].token_ids == outs[None].token_ids
+    for policy in ("entropy", "d2cache", "dllm", "dual"):
+        out = llm.generate(_prompt(seed, 5), plain.replace(sigma=0.5, cache_policy=policy), use_tqdm=False)[0]
+        assert len(out.token_ids) == 32 and out.finished
+
+
+def test_sigma_commits_the_known_neighbourhood_first(folders, seed, monkeypatch):
+    from dengine.scheduler.sequence import Sequence
+
+    order = []
+    real_apply = Sequence.apply
+
+    def recording_apply(self, queries, logits):
+        outcome = real_apply(self, queries, logits)
+        order.extend(outcome.positions.tolist())
+        return outcome
+
+    monkeypatch.setattr(Sequence, "apply", recording_apply)
+    llm = _llm(folders["llada"])
+    llm.generate(_prompt(seed, 5), SamplingParams(gen_length=32, steps=32, sigma=0.3), use_tqdm=False)
+    # sigma 0.3: a mask next to a known token has density ~0.2, two away ~1e-10: every commit extends the
+    # committed prefix (the right end stays unknown until reached)
+    assert order == list(range(5, 37))
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="sigma"):
+        SamplingParams(sigma=0.0)
+    with pytest.raises(ValueError, match="origin"):
+        SamplingParams(sigma=1.0, remasking="origin")
+    with pytest.raises(ValueError, match="rho"):
+        make_policy("dllm", {"rho": 1.5})
+    with pytest.raises(ValueError, match="kr"):
+        make_policy("dllm", {"kr": 0})
+    with pytest.raises(ValueError, match="current_k"):
+        make_policy("d2cache", {"current_k": 0})
+    with pytest.raises(ValueError, match="unknown|not_an_option"):
+        make_policy("d2cache", {"not_an_option": 1})
