@@ -9,6 +9,7 @@ Fast-dLLM's threshold and factor rules.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -62,12 +63,19 @@ def certainty_density(known: torch.Tensor, sigma: float) -> torch.Tensor:
     extended[g : 2 * g] = known.double()
     if not bool(known[-1]):
         extended[2 * g :] = 0.0
+    kernel, mass = _density_kernel(g, sigma)
+    weighted = F.conv1d(extended.view(1, 1, -1), kernel, padding=kernel.shape[-1] // 2).flatten()[g : 2 * g]
+    return weighted / mass
+
+
+@functools.lru_cache(maxsize=64)
+def _density_kernel(g: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian kernel for a generation region of g positions, and its mass at each of them."""
     radius = min(2 * g - 1, math.ceil(40 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2)).view(1, 1, -1)
-    weighted = F.conv1d(extended.view(1, 1, -1), kernel, padding=radius).flatten()[g : 2 * g]
     mass = F.conv1d(torch.ones(1, 1, 3 * g, dtype=torch.float64), kernel, padding=radius).flatten()[g : 2 * g]
-    return weighted / mass
+    return kernel, mass
 
 
 def threshold_count(confidence: torch.Tensor, threshold: float) -> torch.Tensor:

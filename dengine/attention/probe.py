@@ -9,8 +9,8 @@ class AttentionProbe:
     """Per layer, the head-averaged attention probabilities [rows, canvas] of some sequences' query rows.
 
     d2Cache's attention rollout needs them and fused kernels never return them, so they are recomputed
-    from the same rotated queries and cached keys, for those sequences' rows only: every other sequence
-    keeps the fused path untouched.
+    from the same rotated queries and cached keys (fp32 scores and softmax), for those sequences' rows
+    only: every other sequence keeps the fused path untouched.
     """
 
     def __init__(self, targets: list[tuple[int, int, torch.Tensor]]) -> None:
@@ -23,12 +23,16 @@ class AttentionProbe:
         (sorted; None: every row), key_cache holds the layer's keys after this step's writes."""
         heads, head_dim = q.shape[1:]
         kv_heads = key_cache.shape[-2]
+        group = heads // kv_heads
         flat_k = key_cache.view(-1, kv_heads, head_dim)
         for (start, count, slots), record in zip(self.targets, self.records):
-            wanted = torch.arange(start, start + count, device=q.device)
-            if rows is not None:
-                wanted = torch.searchsorted(rows, wanted)
-            queries = q.index_select(0, wanted).view(count, kv_heads, heads // kv_heads, head_dim)
-            keys = flat_k.index_select(0, slots)
-            scores = torch.einsum("ngsd,tgd->gsnt", queries.float(), keys.float()) * head_dim**-0.5
-            record.append(scores.softmax(-1).mean(dim=(0, 1)))
+            if rows is None:
+                queries = q[start : start + count]
+            else:
+                queries = q.index_select(0, torch.searchsorted(rows, torch.arange(start, start + count)))
+            # [kv_heads, group * count, head_dim]: the query heads sharing a KV head stacked, as in attention
+            queries = queries.float().view(count, kv_heads, group, head_dim).permute(1, 2, 0, 3)
+            keys = flat_k.index_select(0, slots).float().transpose(0, 1)  # [kv_heads, T, head_dim]
+            scores = torch.matmul(queries.reshape(kv_heads, group * count, head_dim), keys.transpose(1, 2))
+            probs = (scores * head_dim**-0.5).softmax(-1)
+            record.append(probs.view(kv_heads * group, count, -1).mean(0))
