@@ -75,3 +75,39 @@ def test_cuda_torch_backend_matches_cpu_fp32(tmp_path, seed):
         runner = ModelRunner(model, PagedKVCache(model.config, 8, 8, torch.float32, device))
         outs.append(runner.run([SequenceQuery(tokens, list(range(7)), torch.arange(50))])[0].cpu())
     assert torch.allclose(outs[0], outs[1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend_name", _gpu_backend_params())
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_gpu_backend_reuses_layer_outputs_and_records_attention_like_torch(tmp_path, seed, backend_name, family):
+    """A dLLM-Cache sequence (its attention planned for fewer rows past layer 0) and a d2Cache one (its
+    attention probabilities recorded) in one batch, through the GPU backend and the torch backend on CUDA."""
+    from dengine.model_runner import CachedOutputs
+
+    folder, _ = write_checkpoint(tmp_path, family, seed=seed, hidden=128, heads=4, layers=2)
+    model = load_model(folder, dtype="bfloat16", device="cuda")
+    rng = random.Random(seed)
+    length, block_size = rng.randint(40, 200), 16
+    canvases = [torch.randint(0, VOCAB, (length,)) for _ in range(2)]
+    per_seq = -(-length // block_size)
+    results = {}
+    for name in (backend_name, "torch"):
+        cache = PagedKVCache(model.config, 4 * per_seq + 64, block_size, torch.bfloat16, "cuda")
+        outputs = list(range(2 * per_seq, 2 * per_seq + -(-length // cache.outputs_per_block)))
+        tables = [list(range(per_seq)), list(range(per_seq, 2 * per_seq))]
+        runner = ModelRunner(model, cache, select_backend("cuda", name))
+        everything, empty = torch.arange(length), torch.zeros(0, dtype=torch.long)
+        runner.run([
+            SequenceQuery(canvases[0], tables[0], everything, cached_outputs=CachedOutputs(outputs, everything, empty, 0)),
+            SequenceQuery(canvases[1], tables[1], everything),
+        ])
+        rows = torch.arange(length // 2, length)
+        always = torch.tensor(sorted(random.Random(seed).sample(rows.tolist(), 5)))
+        probed = SequenceQuery(canvases[1], tables[1], rows, record_attention=True)
+        logits = runner.run([
+            SequenceQuery(canvases[0], tables[0], rows, cached_outputs=CachedOutputs(outputs, always, empty, 0)),
+            probed,
+        ])
+        results[name] = [out.float().cpu() for out in logits] + [p.float().cpu() for p in probed.attention]
+    for got, ref in zip(results[backend_name], results["torch"]):
+        assert (got - ref).abs().max() / ref.abs().max() < 2e-2

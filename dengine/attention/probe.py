@@ -29,7 +29,8 @@ class AttentionProbe:
             if rows is None:
                 queries = q[start : start + count]
             else:
-                queries = q.index_select(0, torch.searchsorted(rows, torch.arange(start, start + count)))
+                wanted = torch.arange(start, start + count, device=q.device)
+                queries = q.index_select(0, torch.searchsorted(rows, wanted))
             # [kv_heads, group * count, head_dim]: the query heads sharing a KV head stacked, as in attention
             queries = queries.float().view(count, kv_heads, group, head_dim).permute(1, 2, 0, 3)
             keys = flat_k.index_select(0, slots).float().transpose(0, 1)  # [kv_heads, T, head_dim]

@@ -144,9 +144,9 @@ class Sequence:
                 query,
                 logits_positions=scored,
                 cached_outputs=None if reuse is None else CachedOutputs(output_table, *reuse),
-                record_attention=self.policy.records_attention,
+                record_attention=self.policy.records_attention and branch == 0,  # the conditional branch
             )
-            for canvas, table, output_table in zip(canvases, self.block_tables, outputs)
+            for branch, (canvas, table, output_table) in enumerate(zip(canvases, self.block_tables, outputs))
         ]
 
     def _scored_masks(self, chosen: torch.Tensor | None) -> torch.Tensor:
@@ -201,6 +201,7 @@ class Sequence:
         start = time.perf_counter()
         self.policy.observe(self, outcome, full)
         m.decision_seconds += time.perf_counter() - start
+        self.last_scored = self.last_attention = None  # inputs of this observe only; logits can be large
 
         self.block_step += 1
         if self.params.stop_at_eos and self._answer_is_fixed():
