@@ -1,7 +1,8 @@
 """The policy table: accuracy next to speed for every cache policy, per model, sampler and batch size.
 
-    python -m dengine.bench.policies --models llada-reverse dream-reverse --policies none entropy dual \\
-        --samplers one-token threshold:0.9 --batch-sizes 1 16 --n 64 --out docs/bench/policies
+    python -m dengine.bench.policies --models llada-reverse dream-reverse \\
+        --policies none entropy dual dllm d2cache --samplers one-token threshold:0.9 --batch-sizes 1 16 --n 64 \\
+        --out docs/bench/policies
 
 Every (model, sampler, batch size) runs each policy on the same held-out problems in one process, the first
 policy being the baseline of the speedups (as in `dengine.bench.accuracy`). Writes a Markdown table, JSON,
@@ -11,6 +12,7 @@ and with --plot (needs matplotlib, the `bench` extra) accuracy against speedup a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -40,25 +42,29 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Accuracy against speedup, one point per run, one marker per policy."""
-    with figure(path, figsize=(7, 4.5)) as (_, ax):
-        markers = {}
+    """Accuracy against speedup, one point per run: one marker per policy (with its options), one colour per
+    sampler and batch size; the legend beside the axes."""
+    with figure(path, figsize=(10, 4.5)) as (_, ax):
+        markers: dict[str, str] = {}
+        colours: dict[str, str] = {}
         for row in rows:
             r: PolicyResult = row["result"]
-            marker = markers.setdefault(r.policy, "os^Dvx*P"[len(markers) % 8])
-            label = f"{row['model']} / {row['sampler']} / batch {row['batch_size']}"
-            ax.scatter(r.speedup, 100 * r.accuracy, marker=marker, label=f"{r.policy}: {label}")
+            policy = r.policy + (f" {json.dumps(r.cache_config)}" if r.cache_config else "")
+            marker = markers.setdefault(policy, "os^Dvx*P<>"[len(markers) % 10])
+            run = f"{row['model']} / {row['sampler']} / batch {row['batch_size']}"
+            colour = colours.setdefault(run, f"C{len(colours) % 10}")
+            ax.scatter(r.speedup, 100 * r.accuracy, marker=marker, color=colour, label=f"{policy}: {run}")
         ax.set_xlabel("speedup over the baseline policy (wall clock)")
         ax.set_ylabel("accuracy (%)")
         ax.set_xscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6, loc="lower left")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["llada-reverse", "dream-reverse"])
-    parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual"],
+    parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual", "dllm", "d2cache"],
                         help='the first is the baseline; options as \'entropy:{"tau": 0.5}\'')
     parser.add_argument("--samplers", nargs="+", default=["one-token", "threshold:0.9"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="max_num_seqs of each run")
