@@ -58,7 +58,8 @@ def test_concurrent_requests_with_mixed_parameters_all_complete_correctly(chat_f
     prompts = [f"Add: a{rng.randint(1, 9)} b{rng.randint(1, 9)}" for _ in range(32)]
     params = [SamplingParams(gen_length=16 * rng.randint(1, 2), block_length=16, temperature=rng.choice([0.0, 1.0]),
                              threshold=rng.choice([None, 0.5]), seed=rng.randrange(1000),
-                             cache_policy=rng.choice(["none", "dual", "entropy"])) for _ in prompts]
+                             sigma=rng.choice([None, 2.0]),
+                             cache_policy=rng.choice(["none", "dual", "entropy", "dllm", "d2cache"])) for _ in prompts]
 
     async def one(prompt, p):
         await asyncio.sleep(rng.random() * 0.05)
@@ -131,6 +132,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "cache_policy": "nonsense"}, None),
     ("/v1/completions", {"prompt": "x", "cache_policy": "dual", "tau": 0.3}, None),
     ("/v1/completions", {"prompt": "x", "top_p": 0.9}, None),  # Dream-only option on a LLaDA model
+    ("/v1/completions", {"prompt": "x", "sigma": 0}, None),
+    ("/v1/completions", {"prompt": "x", "cache_policy": "dllm", "cache_config": {"rho": 2}}, None),
     ("/v1/completions", {"prompt": ""}, None),
     ("/v1/completions", {"prompt": [1, 2, 10**6]}, None),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, None),  # larger than the model or the KV pool
