@@ -50,6 +50,18 @@ def test_refreshing_everything_equals_exact_decoding(folders, family, sampler, p
     assert out.metrics.nfe == exact.metrics.nfe and out.metrics.cache_policy == policy
 
 
+@pytest.mark.parametrize("policy, config", [("dllm", {"kp": 1, "kr": 1}),
+                                            ("d2cache", {"current_k": 10_000, "rollout_p": 1.0})])
+def test_guidance_twin_canvas_reuses_its_own_outputs(folders, policy, config, seed):
+    """CFG's unconditional canvas has its own K/V and layer-output blocks; refreshed fully it equals none."""
+    params = SamplingParams(gen_length=16, block_length=8, cfg_scale=1.0, sigma=2.0)
+    exact = _llm(folders["llada"]).generate(_prompt(seed), params, use_tqdm=False)[0]
+    llm = _llm(folders["llada"], policy, cache_config=config)
+    assert llm.generate(_prompt(seed), params, use_tqdm=False)[0].token_ids == exact.token_ids
+    manager = llm.engine.kv_manager
+    assert manager.num_free_blocks == manager.pool.num_blocks
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_caches_compute_fewer_rows_and_reuse_changes_tokens_somewhere(folders, family, seed):
     """The defaults compute fewer query tokens than exact decoding; the least refreshing settings decode
