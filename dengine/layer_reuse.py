@@ -57,7 +57,9 @@ class LayerReuse:
         self.attend_rows = attend_rows  # attention planned for the rows recomputed past layer 0; None: all
         self._every_row = LayerRows(None, None, self.reusing_rows, self.reusing_rows)
 
-    def select(self, layer: int, h: torch.Tensor, values: Callable[[torch.Tensor], torch.Tensor], kv_cache: PagedKVCache) -> LayerRows:
+    def select(
+        self, layer: int, h: torch.Tensor, values: Callable[[torch.Tensor], torch.Tensor], kv_cache: PagedKVCache
+    ) -> LayerRows:
         """This layer's rows; values(h_rows) gives the new V [n, kv_heads, head_dim] of some rows."""
         if layer == 0 or self.attend_rows is None:
             return self._every_row

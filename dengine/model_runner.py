@@ -165,6 +165,9 @@ class ModelRunner:
             fixed[rows] = False
             fixed[always] = True
             table = torch.as_tensor(list(spec.output_table), dtype=torch.long)
+            if table.numel() * per_block < query.token_ids.numel():
+                raise ValueError(f"an output table of {table.numel()} blocks cannot hold {query.token_ids.numel()} "
+                                 f"tokens' layer outputs ({per_block} per block)")
             blocks[rows], offsets[rows] = table[pos // per_block], pos % per_block
             count = min(spec.count, competing.numel())
             if competing.numel():
@@ -175,13 +178,14 @@ class ModelRunner:
         if partial_lens != batch.query_lens:
             attend_rows = self.backend.plan(self._rows_batch(batch, partial_lens)) if any(partial_lens) else _no_rows
         device = self.device
+        no_slots = torch.zeros(0, dtype=torch.long)
         return LayerReuse(
             reusing.to(device),
             fixed.to(device),
             blocks.to(device),
             offsets.to(device),
             candidates,
-            torch.cat(candidate_slots).to(device) if candidate_slots else torch.zeros(0, dtype=torch.long, device=device),
+            torch.cat(candidate_slots or [no_slots]).to(device),
             attend_rows,
         )
 

@@ -97,8 +97,9 @@ def test_gpu_backend_reuses_layer_outputs_and_records_attention_like_torch(tmp_p
         tables = [list(range(per_seq)), list(range(per_seq, 2 * per_seq))]
         runner = ModelRunner(model, cache, select_backend("cuda", name))
         everything, empty = torch.arange(length), torch.zeros(0, dtype=torch.long)
+        refresh = CachedOutputs(outputs, everything, empty, 0)
         runner.run([
-            SequenceQuery(canvases[0], tables[0], everything, cached_outputs=CachedOutputs(outputs, everything, empty, 0)),
+            SequenceQuery(canvases[0], tables[0], everything, cached_outputs=refresh),
             SequenceQuery(canvases[1], tables[1], everything),
         ])
         rows = torch.arange(length // 2, length)

@@ -121,3 +121,14 @@ def test_attention_probe_records_the_probabilities_of_the_computed_rows(model, s
             assert torch.allclose(got, want, atol=1e-6)
             assert torch.allclose(got.sum(-1), torch.ones(rows.numel()), atol=1e-6)
         tokens = torch.where(torch.rand(length) < 0.3, torch.randint(0, VOCAB, (length,)), tokens)
+
+
+def test_bad_reuse_specs_are_refused(model):
+    runner = _runner(model, 4, num_blocks=32)
+    tokens, everything = torch.randint(0, VOCAB, (10,)), torch.arange(10)
+    empty = torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="not computed"):
+        runner.run([SequenceQuery(tokens, [0, 1, 2], torch.arange(5),
+                                  cached_outputs=CachedOutputs(list(range(3, 13)), everything, empty, 0))])
+    with pytest.raises(ValueError, match="cannot hold"):
+        runner.run([SequenceQuery(tokens, [0, 1, 2], everything, cached_outputs=CachedOutputs([3], everything, empty, 0))])
