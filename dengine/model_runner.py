@@ -76,7 +76,7 @@ class ModelRunner:
         if not queries:
             raise ValueError("a forward step needs at least one sequence")
         bs = self.kv_cache.block_size
-        ids, positions, slots, kv_slots, logit_rows, tables = [], [], [], [], [], []
+        ids, positions, slots, kv_slots, logit_rows, tables, row_maps = [], [], [], [], [], [], []
         query_lens, seq_lens = [], []
         row_offset = 0
         for index, query in enumerate(queries):
@@ -107,6 +107,7 @@ class ModelRunner:
             kv_slots.append(table[every_position // bs] * bs + every_position % bs)
             logit_rows.append(rows + row_offset)
             tables.append(table)
+            row_maps.append(row_of)
             query_lens.append(pos.numel())
             seq_lens.append(length)
             row_offset += pos.numel()
@@ -131,7 +132,7 @@ class ModelRunner:
         batch.attend = self.backend.plan(batch)
         starts = _cumulative(query_lens).tolist()
         if any(q.cached_outputs is not None for q in queries):
-            batch.layer_reuse = self._layer_reuse(batch, queries, starts, slots)
+            batch.layer_reuse = self._layer_reuse(batch, queries, starts, slots, row_maps)
         recorded = [i for i, q in enumerate(queries) if q.record_attention]
         if recorded:
             batch.probe = AttentionProbe(
@@ -140,27 +141,32 @@ class ModelRunner:
         return batch
 
     def _layer_reuse(
-        self, batch: ForwardBatch, queries: Sequence[SequenceQuery], starts: list[int], slots: list[torch.Tensor]
+        self,
+        batch: ForwardBatch,
+        queries: Sequence[SequenceQuery],
+        starts: list[int],
+        slots: list[torch.Tensor],
+        row_maps: list[torch.Tensor],
     ) -> LayerReuse:
-        """The per-layer row selection of a batch in which some sequences reuse cached layer outputs."""
+        """The per-layer row selection of a batch in which some sequences reuse cached layer outputs;
+        row_maps[i] gives query i's row (from 0) of each canvas position, -1 where it is not computed."""
         n = starts[-1]
         reusing = torch.zeros(n, dtype=torch.bool)
         fixed = torch.ones(n, dtype=torch.bool)
         blocks, offsets = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
         candidates, candidate_slots, partial_lens = [], [], []
         per_block = self.kv_cache.outputs_per_block
-        for query, start, row_slots in zip(queries, starts, slots):
+        for query, start, row_slots, row_map in zip(queries, starts, slots, row_maps):
             spec = query.cached_outputs
             pos = _positions_tensor(query.query_positions)
             if spec is None:
                 partial_lens.append(pos.numel())
                 continue
             rows = slice(start, start + pos.numel())
-            row_of = torch.full((query.token_ids.numel(),), -1, dtype=torch.long)
-            row_of[pos] = torch.arange(start, start + pos.numel())
-            always, competing = row_of[_positions_tensor(spec.always)], row_of[_positions_tensor(spec.candidates)]
+            always, competing = row_map[_positions_tensor(spec.always)], row_map[_positions_tensor(spec.candidates)]
             if bool((always < 0).any()) or bool((competing < 0).any()):
                 raise ValueError("cached_outputs lists positions that are not computed")
+            always, competing = always + start, competing + start
             reusing[rows] = True
             fixed[rows] = False
             fixed[always] = True

@@ -20,14 +20,19 @@ from dengine.attention.base import AttentionBackend
 from dengine.forward_batch import AttendFn, ForwardBatch
 
 
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention of q [..., heads, n, d] over k, v [..., kv_heads, s, d]; softmax in fp32."""
+def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """fp32 softmax(q k^T / sqrt(d)) of q [..., heads, n, d] over k [..., kv_heads, s, d], laid out
+    [..., kv_heads, (heads // kv_heads) * n, s]: the query heads sharing a KV head stacked (GQA, one matmul)."""
     *lead, heads, n, d = q.shape
     kv_heads = k.shape[-3]
-    grouped = q.reshape(*lead, kv_heads, (heads // kv_heads) * n, d)  # query heads of one KV head, stacked
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * d**-0.5
-    out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
-    return out.reshape(*lead, heads, n, d)
+    grouped = q.reshape(*lead, kv_heads, (heads // kv_heads) * n, d)
+    return (torch.matmul(grouped, k.transpose(-1, -2)).float() * d**-0.5).softmax(-1)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional attention of q [..., heads, n, d] over k, v [..., kv_heads, s, d]; softmax in fp32."""
+    out = torch.matmul(attention_probs(q, k).to(v.dtype), v)
+    return out.reshape(q.shape)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
