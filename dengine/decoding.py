@@ -3,7 +3,8 @@
 A Decoder sees one sequence's candidate positions (its still-masked positions in the current block) and
 their logits, and returns the commits. LLaDA's rules follow its reference `generate` (fixed schedule,
 float64 Gumbel-max temperature, low-confidence or random remasking); Dream's follow `diffusion_generate`
-(timestep schedule, maskgit_plus / topk_margin / entropy / origin, top-p / top-k, alg_temp); both take
+(timestep schedule, maskgit_plus / topk_margin / entropy / origin, top-p / top-k with the official
+default top_k of 50, alg_temp); both take
 Fast-dLLM's threshold and factor rules.
 """
 
@@ -179,8 +180,8 @@ class Decoder:
             logits = logits / p.temperature
         if p.top_p is not None and p.top_p < 1:
             logits = top_p_filter(logits, p.top_p)
-        if p.top_k is not None:
-            logits = top_k_filter(logits, p.top_k)
+        if p.dream_top_k is not None:
+            logits = top_k_filter(logits, p.dream_top_k)
         return logits.softmax(-1)
 
     def _dream_draw(self, probs: torch.Tensor) -> torch.Tensor:

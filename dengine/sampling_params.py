@@ -14,6 +14,10 @@ REMASKING = LLADA_REMASKING + DREAM_ALGORITHMS
 
 # Options only one family's reference sampler has, with the value that means "not used".
 DREAM_ONLY = {"top_p": None, "top_k": None, "alg_temp": None, "eps": None}
+# Dream's official diffusion_generate filters every masked position's logits to the top 50 unless the caller
+# sets top_k: its generation config inherits top_k = 50 from the model config (see docs/sampling.md).
+DREAM_DEFAULT_TOP_K = 50
+TOP_K_OFF = (0, -1)  # vLLM's convention: no top-k filter
 LLADA_ONLY = {"cfg_scale": 0.0, "logits_eos_inf": False, "confidence_eos_eot_inf": False}
 
 
@@ -25,7 +29,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     steps: int | None = None  # None: gen_length (one token per step); ignored by threshold/factor
     temperature: float = 0.0
     top_p: float | None = None  # Dream
-    top_k: int | None = None  # Dream
+    top_k: int | None = None  # Dream; None: 50 (the official default), 0 or -1: no filter
     remasking: str = "low_confidence"
     alg_temp: float | None = None  # Dream: sample commit positions from softmax(confidence / alg_temp)
     eps: float | None = None  # Dream: final timestep (default 1e-3)
@@ -55,7 +59,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.top_p is not None:
             _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         if self.top_k is not None:
-            _check_int("top_k", self.top_k, minimum=1)
+            _check_int("top_k", self.top_k, minimum=-1)
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking {self.remasking!r} is unknown; choose one of {list(REMASKING)}")
         if self.alg_temp is not None:
@@ -101,6 +105,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """Threshold or factor decoding: the number of steps is data dependent."""
         return self.threshold is not None or self.factor is not None
 
+    @property
+    def dream_top_k(self) -> int | None:
+        """The top-k filter Dream's sampler applies: 50 unless set, None when turned off (0 or -1)."""
+        if self.top_k is None:
+            return DREAM_DEFAULT_TOP_K
+        return None if self.top_k in TOP_K_OFF else self.top_k
+
     def check_family(self, model_type: str) -> None:
         """Reject options the model family's reference sampler does not have."""
         if model_type == "llada":
@@ -112,7 +123,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError("remasking 'random' is LLaDA's; Dream has " + str(list(DREAM_ALGORITHMS)))
             foreign = LLADA_ONLY
         for name, unused in foreign.items():
-            if getattr(self, name) != unused:
+            if getattr(self, name) != unused and not (name == "top_k" and self.top_k in TOP_K_OFF):
                 other = "Dream" if model_type == "llada" else "LLaDA"
                 raise ValueError(f"{name} is a {other}-only option and this model is {model_type}")
 

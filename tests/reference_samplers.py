@@ -4,6 +4,11 @@ llada_generate follows LLaDA's reference `generate` (plus Fast-dLLM's threshold 
 prefix / dual caches); dream_generate follows Dream's `diffusion_generate`, extended to semi-AR blocks
 and Fast-dLLM's caches the way Fast-dLLM's Dream code does it (block-start forward commits the block's
 first token). Caching is reproduced with dense_forward(query, stale=K/V frozen at the block start).
+
+Dream's defaults are the official code's effective ones: called without a generation config it inherits
+top_k = 50 from the model config (top_k=None here turns the filter off), and with temperature > 0 it draws
+tokens with torch.distributions.Categorical and its `origin` coins with torch.rand, both from torch's
+global random stream (seed it with torch.manual_seed to reproduce a run).
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ def llada_generate(model, prompt, gen_length, block_length, steps, cache=None, t
 
 
 def _dream_confidence(logits, alg, temperature, top_p, top_k):
+    """Dream's sample_tokens: filtered softmax, sampled (T > 0) or argmax token, and the alg's confidence."""
     logits = logits.float()
     if temperature > 0:
         logits = logits / temperature
@@ -97,7 +103,11 @@ def _dream_confidence(logits, alg, temperature, top_p, top_k):
         kth = torch.topk(logits, top_k)[0][..., -1, None]
         logits = logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
     probs = torch.softmax(logits, dim=-1)
-    confidence, x0 = probs.max(dim=-1)
+    if temperature > 0:
+        x0 = torch.distributions.Categorical(probs=probs).sample()
+        confidence = probs.gather(-1, x0[:, None]).squeeze(-1)
+    else:
+        confidence, x0 = probs.max(dim=-1)
     if alg == "topk_margin":
         top = torch.sort(probs, dim=-1, descending=True)[0]
         confidence = top[:, 0] - top[:, 1]
@@ -107,7 +117,7 @@ def _dream_confidence(logits, alg, temperature, top_p, top_k):
 
 
 def dream_generate(model, prompt, gen_length, block_length, steps, alg="maskgit_plus", eps=1e-3, cache=None,
-                   threshold=None, top_p=None, top_k=None, generator=None):
+                   threshold=None, top_p=None, top_k=50, temperature=0.0):
     mask = model.config.mask_token_id
     x = torch.cat([prompt, torch.full((gen_length,), mask)])
     p_len = prompt.numel()
@@ -125,7 +135,7 @@ def dream_generate(model, prompt, gen_length, block_length, steps, alg="maskgit_
         if cache is not None:
             logits, frozen = dense_forward(model, x)
             logits[:, mask] = -torch.inf
-            _, x0 = _dream_confidence(shifted(logits), alg, 0.0, top_p, top_k)
+            _, x0 = _dream_confidence(shifted(logits), alg, temperature, top_p, top_k)
             x[start] = x0[start]
             i = 1
         while bool((x[start:end] == mask).any()):
@@ -138,20 +148,20 @@ def dream_generate(model, prompt, gen_length, block_length, steps, alg="maskgit_
             mask_logits = logits[cand_idx]
             n = cand_idx.numel()
             if threshold is not None:
-                confidence, x0 = _dream_confidence(mask_logits, "maskgit_plus", 0.0, top_p, top_k)
+                confidence, x0 = _dream_confidence(mask_logits, "maskgit_plus", temperature, top_p, top_k)
                 chosen = _pick(confidence, None, threshold, None)
                 x[positions[cand_idx[chosen]]] = x0[chosen]
                 continue
             t, s = timesteps[i], timesteps[i + 1]
             if alg == "origin":
                 p_transfer = 1 - s / t if i < steps_per_block - 1 else 1
-                transfer = torch.rand(n, generator=generator) < p_transfer
+                transfer = torch.rand(n) < p_transfer
                 x0 = torch.full((n,), mask)
-                _, sampled = _dream_confidence(mask_logits[transfer], alg, 0.0, top_p, top_k)
+                _, sampled = _dream_confidence(mask_logits[transfer], alg, temperature, top_p, top_k)
                 x0[transfer] = sampled
                 x[positions[cand_idx]] = x0
             else:
-                confidence, x0 = _dream_confidence(mask_logits, alg, 0.0, top_p, top_k)
+                confidence, x0 = _dream_confidence(mask_logits, alg, temperature, top_p, top_k)
                 number = int(torch.tensor(float(n)) * (1 - s / t)) if i < steps_per_block - 1 else n
                 if number > 0:
                     chosen = torch.topk(confidence, number).indices

@@ -193,6 +193,8 @@ BAD_PARAMS = [
     (dict(remasking="greedy"), "remasking 'greedy' is unknown"),
     (dict(gen_length=8.5), "gen_length must be an integer"),
     (dict(remasking="origin", threshold=0.9), "cannot use threshold"),
+    (dict(top_k=-2), "top_k must be >= -1"),
+    (dict(top_k=1.5), "top_k must be an integer"),
 ]
 
 
@@ -228,6 +230,10 @@ def test_bad_requests_name_the_prompt_and_lose_nothing(folders):
         dream.generate(good, SamplingParams(cfg_scale=1.0), use_tqdm=False)
     with pytest.raises(ValueError, match="remasking 'random' is LLaDA's"):
         dream.generate(good, SamplingParams(remasking="random"), use_tqdm=False)
+    # "no top-k filter" (0 or -1, vLLM's convention) is what LLaDA does anyway: accepted, same output
+    plain = llm.generate(good, SamplingParams(gen_length=8), use_tqdm=False)[0].token_ids
+    for off in (0, -1):
+        assert llm.generate(good, SamplingParams(gen_length=8, top_k=off), use_tqdm=False)[0].token_ids == plain
 
 
 def test_request_larger_than_the_pool_or_budget(folders):

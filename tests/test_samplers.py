@@ -18,6 +18,7 @@ from reference_samplers import dream_generate, llada_generate
 # other, approximate caching changes the tokens, and confident predictions exist for threshold / factor.
 HEAD_SCALE, ATTN_SCALE = 4.0, 6.0
 AUTO = "auto"  # threshold / factor chosen from the model's first-step confidences (see _resolve)
+OFFICIAL_DREAM_TOP_K = 50  # what diffusion_generate inherits from the model config (transformers 4.46)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,11 @@ def _resolve(case, model, prompt):
     logits = dense_forward(model, canvas)[0]
     start = prompt.numel()
     rows = torch.arange(start, start + case["block_length"]) - model.config.logit_shift
-    confidence = logits[rows].double().softmax(-1).max(-1).values.sort(descending=True).values
+    logits = logits[rows]
+    if model.config.model_type == "dream":  # the confidences Dream's sampler ranks: after its top-k filter
+        top_k = _reference_top_k(case)["top_k"]
+        logits = logits if top_k is None else top_k_filter(logits, top_k)
+    confidence = logits.double().softmax(-1).max(-1).values.sort(descending=True).values
     # Midpoints between the 3rd and 4th confidences, far from rounding differences between forwards.
     if case.get("threshold") == AUTO:
         case["threshold"] = float(confidence[2] + confidence[3]) / 2  # the top 3 pass
@@ -103,7 +108,17 @@ DREAM_CASES = [
     dict(gen_length=24, block_length=8, steps=12, alg="entropy"),
     dict(gen_length=16, block_length=8, steps=8, alg="maskgit_plus", top_k=5, top_p=0.9),
     dict(gen_length=24, block_length=8, steps=24, alg="maskgit_plus", threshold=AUTO),
+    # the filter turned off (vLLM's convention), against the official code called with top_k=None
+    dict(gen_length=16, block_length=16, steps=16, alg="maskgit_plus", top_k=-1),
+    dict(gen_length=16, block_length=8, steps=8, alg="entropy", top_k=0),
+    dict(gen_length=24, block_length=8, steps=24, alg="maskgit_plus", threshold=AUTO, top_k=-1),
 ]
+
+
+def _reference_top_k(case: dict) -> dict:
+    """The engine's top_k as the official code takes it: unset means its inherited 50, 0 / -1 (off) None."""
+    top_k = case.get("top_k", OFFICIAL_DREAM_TOP_K)
+    return {**case, "top_k": None if top_k in (0, -1) else top_k}
 
 
 @pytest.mark.parametrize("cache", [None, "prefix", "dual"])
@@ -116,18 +131,59 @@ def test_dream_matches_reference(models, cache, case, seed):
     alg = case.pop("alg")
     params = SamplingParams(remasking=alg, **case)
     out = llm.generate({"prompt_token_ids": prompt.tolist()}, params, use_tqdm=False)[0]
-    expected = dream_generate(llm.engine.model, prompt, alg=alg, cache=cache, **case)
+    expected = dream_generate(llm.engine.model, prompt, alg=alg, cache=cache, **_reference_top_k(case))
     assert out.token_ids == expected.tolist()
+    if cache is None and "threshold" not in case:
+        # the official schedule: exactly `steps` forwards, a step whose count rounds to 0 included
+        assert out.metrics.nfe == case["steps"]
 
 
-def test_dream_origin_matches_reference_with_the_same_random_stream(models, seed):
+@pytest.mark.parametrize("case", [
+    dict(alg="origin"),
+    dict(alg="origin", temperature=0.7),
+    dict(alg="origin", temperature=0.7, top_k=-1, top_p=0.9),
+    dict(alg="maskgit_plus", temperature=0.5),
+    dict(alg="entropy", temperature=1.0, top_k=8),
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_dream_random_draws_match_reference_with_the_same_random_stream(models, seed, case):
+    """origin's coins and the sampled tokens (Categorical in the official code) come from the same stream."""
     llm = _engine(models["dream"])
     prompt = _prompt(random.Random(seed), 5)
-    params = SamplingParams(gen_length=16, block_length=8, steps=8, remasking="origin", seed=seed)
+    case = dict(case)
+    alg = case.pop("alg")
+    params = SamplingParams(gen_length=16, block_length=8, steps=8, remasking=alg, seed=seed, **case)
     out = llm.generate({"prompt_token_ids": prompt.tolist()}, params, use_tqdm=False)[0]
-    generator = torch.Generator().manual_seed(seed)
-    expected = dream_generate(llm.engine.model, prompt, 16, 8, 8, alg="origin", generator=generator)
+    torch.manual_seed(seed)  # the official code draws from torch's global stream
+    expected = dream_generate(llm.engine.model, prompt, 16, 8, 8, alg=alg, **_reference_top_k(case))
     assert out.token_ids == expected.tolist()
+
+
+def _top50_flip_logits(vocab: int = 320) -> torch.Tensor:
+    """Two positions whose order by confidence flips under Dream's top-50 filter.
+
+    Row 0: top logit 3, 49 tokens at 0, the other tail at -0.5: full-vocabulary confidence 0.086, but 0.29
+    once the tail is cut. Row 1: top logit 2, 49 tokens at 0, no tail mass: 0.131 either way.
+    """
+    logits = torch.full((2, vocab), -30.0)
+    logits[0, 50:] = -0.5
+    logits[:, 1:50] = 0.0
+    logits[0, 0], logits[1, 0] = 3.0, 2.0
+    return logits
+
+
+@pytest.mark.parametrize("top_k, committed", [(None, 0), (50, 0), (-1, 1), (0, 1), (200, 1)])
+def test_dream_default_top_k_changes_which_position_commits(top_k, committed):
+    from dengine.decoding import Decoder
+
+    logits = _top50_flip_logits()
+    full = logits.softmax(-1).max(-1).values
+    assert full[1] > full[0], "without the filter the second position is the more confident"
+    # one commit at the schedule's last step would take both; threshold 0.2 separates them
+    params = SamplingParams(gen_length=2, steps=2, top_k=top_k, threshold=0.2, remasking="maskgit_plus")
+    decoder = Decoder(params, "dream", mask_token_id=310, eos_token_id=311, eot_token_id=None,
+                      generator=torch.Generator().manual_seed(0))
+    outcome = decoder.step(torch.tensor([10, 11]), logits, block_step=0, head_only=False)
+    assert outcome.positions.tolist() == [10 + committed]
 
 
 def test_temperature_sampling_is_seeded(models):

@@ -119,6 +119,26 @@ def test_completion_and_chat_streamed_equal_non_streamed(client):
     assert events[-1]["usage"] == whole["usage"] and events[-1]["choices"] == []
 
 
+@pytest.mark.parametrize("top_k", [None, -1, 3])
+def test_dream_top_k_through_the_server_equals_offline(chat_folders, top_k):
+    """Dream's official default filter (top_k 50 when unset) and the filter-off value, served as offline."""
+    server = OpenAIServer(AsyncLLMEngine(_engine(chat_folders["dream"])), "tiny", DEFAULTS)
+    body = {"model": "tiny", "prompt": "Add: a3 b4", "max_tokens": 16, "remasking": "entropy"}
+    if top_k is not None:
+        body["top_k"] = top_k
+    with TestClient(create_app(server)) as c:
+        response = c.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    params = SamplingParams(gen_length=16, remasking="entropy", top_k=top_k)
+    expected = LLM(chat_folders["dream"], dtype="float32").generate("Add: a3 b4", params, use_tqdm=False)[0]
+    assert response.json()["choices"][0]["text"] == expected.text
+
+
+def test_llada_accepts_top_k_off(client):
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 8, "top_k": -1})
+    assert response.status_code == 200, response.text
+
+
 BAD_REQUESTS = [
     ("/v1/completions", b"{not json", None),
     ("/v1/completions", {"prompt": 5}, "prompt"),
@@ -132,6 +152,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "cache_policy": "nonsense"}, None),
     ("/v1/completions", {"prompt": "x", "cache_policy": "dual", "tau": 0.3}, None),
     ("/v1/completions", {"prompt": "x", "top_p": 0.9}, None),  # Dream-only option on a LLaDA model
+    ("/v1/completions", {"prompt": "x", "top_k": 5}, None),  # likewise; only "off" (0 / -1) is accepted
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, None),
     ("/v1/completions", {"prompt": "x", "sigma": 0}, None),
     ("/v1/completions", {"prompt": "x", "cache_policy": "dllm", "cache_config": {"rho": 2}}, None),
     ("/v1/completions", {"prompt": ""}, None),
