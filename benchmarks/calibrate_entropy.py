@@ -1,12 +1,16 @@
-"""Calibrate EntropyCache's tau and k on held-out problems, for a given model and sampler.
+"""Calibrate EntropyCache's tau and k on a model's held-out task problems, next to the published policies.
 
-    python benchmarks/calibrate_entropy.py --model llada-reverse --n 100 --sampler one-token --out docs/bench/calib-one
-    python benchmarks/calibrate_entropy.py --model llada-reverse --n 100 --sampler threshold:0.9 --out ...
+    python benchmarks/calibrate_entropy.py --model llada-sudoku --n 200 --samplers one-token threshold:0.9 \\
+        --out docs/bench/calib-llada-sudoku --plot
 
-Runs policy "none" and then every (tau, k) with the same sampler on the same problems, prints the table
-(accuracy, NFE, full-recompute rate, query tokens per step, wall time, speedup vs "none") and names the
-fastest setting whose accuracy is within --tolerance points of "none". Recalibrate for your own model by
-pointing --model at its folder; for another task, swap the problems and checker (dengine.tasks).
+For each sampler, runs policy "none", the published policies at their published settings (--baselines) and
+every (tau, k) of the grid on the same problems in one process, prints the table (accuracy, NFE, full
+recomputes, query tokens per forward, wall time, speedup against "none") and names, per sampler, the
+setting chosen by the rule: the least work (query tokens per forward) whose accuracy is within --tolerance
+points of "none"; settings within 5% of that work count as ties, and the most conservative of them (lowest
+tau, then largest k) wins. With --plot, a Pareto figure: accuracy against query tokens per forward and
+against wall time, per sampler. Recalibrate for your own model by pointing --model at its folder (its
+task.json names the task, or pass --task).
 """
 
 from __future__ import annotations
@@ -17,62 +21,110 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from dengine.bench.accuracy import compare, markdown_table
+from dengine.bench.accuracy import PolicyResult, add_task_arguments, compare, markdown_table, model_task, parse_policy
 from dengine.bench.policies import sampler_params
-from dengine.bench.report import run_record, write_report
+from dengine.bench.report import figure, run_record, write_report
 from dengine.llm import LLM
-from dengine.tasks.digit_reversal import split_problems
+
+NEVER = 1e9  # a tau no entropy reaches: never refresh after step 0
 
 
-def best_setting(results, tolerance: float, same_work: float = 0.05):
-    """The fastest entropy result whose accuracy is within tolerance (fraction) of the baseline.
+def best_setting(results: list[PolicyResult], tolerance: float, same_work: float = 0.05) -> PolicyResult | None:
+    """The entropy result doing the least work whose accuracy is within tolerance (fraction) of results[0].
 
-    Wall time is noisy; settings whose query tokens per forward are within same_work (fraction) of the
-    fastest one's do the same computation and count as equally fast: of those, the most conservative
-    (lowest tau, then largest k) is chosen.
+    Work is query tokens per forward (wall time is noisy); settings within same_work (fraction) of the least
+    count as ties, and the most conservative of them (lowest tau, then largest k) is chosen.
     """
     baseline = results[0]
-    eligible = [r for r in results[1:] if r.accuracy >= baseline.accuracy - tolerance]
+    eligible = [r for r in results[1:] if r.policy == "entropy" and r.accuracy >= baseline.accuracy - tolerance]
     if not eligible:
         return None
-    fastest = max(eligible, key=lambda r: r.speedup)
-    tied = [r for r in eligible if r.avg_query_tokens <= fastest.avg_query_tokens * (1 + same_work)]
+    least = min(r.avg_query_tokens for r in eligible)
+    tied = [r for r in eligible if r.avg_query_tokens <= least * (1 + same_work)]
     return min(tied, key=lambda r: (r.cache_config["tau"], -r.cache_config["k"]))
 
 
-def main(argv: list[str] | None = None) -> None:
+def label(result: PolicyResult) -> str:
+    return result.policy + (f" {json.dumps(result.cache_config)}" if result.cache_config else "")
+
+
+def plot(runs: dict[str, list[PolicyResult]], best: dict[str, PolicyResult | None], title: str, path: Path) -> None:
+    """Per sampler, accuracy against query tokens per forward (left) and wall time (right)."""
+    with figure(path, nrows=len(runs), ncols=2, figsize=(12, 4.2 * len(runs)), squeeze=False) as (fig, axes):
+        for row, (sampler, results) in enumerate(runs.items()):
+            for col, (metric, xlabel) in enumerate((("avg_query_tokens", "query tokens per forward"),
+                                                    ("wall_s", "wall time (s)"))):
+                ax = axes[row][col]
+                grid = [r for r in results if r.policy == "entropy" and r.cache_config]
+                ks = sorted({r.cache_config["k"] for r in grid})
+                for i, k in enumerate(ks):
+                    points = sorted((r for r in grid if r.cache_config["k"] == k), key=lambda r: r.cache_config["tau"])
+                    ax.plot([getattr(r, metric) for r in points], [100 * r.accuracy for r in points], marker="o",
+                            color=f"C{i}", alpha=0.8, label=f"entropy k={k} (tau rising)")
+                others = [r for r in results if r not in grid]
+                for j, r in enumerate(others):
+                    ax.scatter(getattr(r, metric), 100 * r.accuracy, marker="s*^Dvx<>P"[j % 9], s=70, color="black",
+                               label=label(r), zorder=3)
+                chosen = best.get(sampler)
+                if chosen is not None:
+                    ax.scatter(getattr(chosen, metric), 100 * chosen.accuracy, s=220, facecolors="none",
+                               edgecolors="red", linewidths=2, label=f"chosen: {json.dumps(chosen.cache_config)}",
+                               zorder=4)
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel("accuracy (%)")
+                ax.set_title(sampler, fontsize=10)
+                ax.grid(True, alpha=0.3)
+                if col == 1:
+                    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.suptitle(title, fontsize=10)
+
+
+def main(argv: list[str] | None = None) -> dict[str, PolicyResult | None]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llada-reverse")
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--taus", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
-    parser.add_argument("--ks", type=int, nargs="+", default=[0, 8, 32])
+    parser.add_argument("--model", default="llada-sudoku")
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, NEVER])
+    parser.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2, 4, 8, 32])
+    parser.add_argument("--baselines", nargs="+", default=["dual", "dllm", "d2cache"],
+                        help="published policies at their published settings, run on the same problems")
+    parser.add_argument("--samplers", nargs="+", default=["one-token", "threshold:0.9"],
+                        help="one-token, threshold:V or factor:V")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument("--block-length", type=int, default=32)
-    parser.add_argument("--sampler", default="one-token", help="one-token, threshold:V or factor:V")
+    add_task_arguments(parser)
     parser.add_argument("--tolerance", type=float, default=1.0, help="accuracy points allowed below 'none'")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json (and OUT.png with --plot)")
+    parser.add_argument("--plot", action="store_true")
     parser.add_argument("--no-tqdm", action="store_true")
     args = parser.parse_args(argv)
 
+    task = model_task(args.model, args.task)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.batch_size)
-    _, problems = split_problems(0, args.n)
-    base = sampler_params(args.sampler, args.gen_length, args.block_length)
+    problems = task.held_out(args.n)
     grid = [("entropy", {"tau": tau, "k": k}) for tau, k in itertools.product(args.taus, args.ks)]
-    results = compare(llm, problems, base, [("none", None), *grid], use_tqdm=not args.no_tqdm)
-    best = best_setting(results, args.tolerance / 100)
-    if best is None:
-        verdict = f"no setting is within {args.tolerance} points of 'none'"
-    else:
-        verdict = (f"fastest within {args.tolerance} points of 'none' (ties in work -> most conservative): "
-                   f"{json.dumps(best.cache_config)} "
-                   f"({best.accuracy:.1%} vs {results[0].accuracy:.1%}, {best.speedup:.2f}x)")
-    markdown = markdown_table(results) + "\n\n" + verdict
-    print(markdown)
-    record = run_record("python benchmarks/calibrate_entropy.py", argv,
-                        best=None if best is None else best.cache_config, results=[asdict(r) for r in results])
-    write_report(args.out, record, markdown)
+    policies = [("none", None), *(parse_policy(p) for p in args.baselines), *grid]
+    runs, best, sections = {}, {}, []
+    for sampler in args.samplers:
+        base = sampler_params(sampler, args.gen_length or task.gen_length, args.block_length or task.block_length)
+        results = compare(llm, problems, base, policies, use_tqdm=not args.no_tqdm)
+        chosen = best_setting(results, args.tolerance / 100)
+        runs[sampler], best[sampler] = results, chosen
+        if chosen is None:
+            verdict = f"no setting is within {args.tolerance} points of 'none'"
+        else:
+            verdict = (f"least work within {args.tolerance} points of 'none' (ties in work -> most conservative): "
+                       f"{json.dumps(chosen.cache_config)} ({chosen.accuracy:.1%} vs {results[0].accuracy:.1%}, "
+                       f"{chosen.avg_query_tokens:.1f} vs {results[0].avg_query_tokens:.1f} query tokens per "
+                       f"forward, {chosen.speedup:.2f}x)")
+        sections.append(f"### {sampler}\n\n{markdown_table(results)}\n\n{verdict}")
+        print(sections[-1], flush=True)
+    markdown = f"{args.model} on {task.name}, {args.n} held-out problems\n\n" + "\n\n".join(sections)
+    record = run_record("python benchmarks/calibrate_entropy.py", argv, model=str(args.model), task=task.name,
+                        best={s: None if b is None else b.cache_config for s, b in best.items()},
+                        runs={s: [asdict(r) for r in results] for s, results in runs.items()})
+    title = f"EntropyCache calibration: {args.model} on {task.name} ({record['machine']}, {record['date']})"
+    write_report(args.out, record, markdown, (lambda path: plot(runs, best, title, path)) if args.plot else None)
+    return best
 
 
 if __name__ == "__main__":

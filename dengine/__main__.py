@@ -1,36 +1,65 @@
-"""`python -m dengine`: the main job on the embedded model.
+"""`python -m dengine`: the main job on an embedded model.
 
-Decodes held-out digit-reversal problems with EntropyCache and with exact decoding ("none"), prints a few
-answers, the accuracy of both, tokens/s and the speedup of the cache.
+Decodes held-out problems of the model's task three ways on the same problems: exact decoding ("none"),
+EntropyCache at its defaults, and EntropyCache set too aggressively (never refreshing after step 0). Prints a
+few answers of each, then accuracy and speed side by side: the accuracy-for-speed trade-off of the cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
-from dengine.bench.accuracy import compare, markdown_table
+import torch
+
+from dengine.assets import DEFAULT_MODEL, resolve_model
+from dengine.bench.accuracy import compare, markdown_table, model_task
+from dengine.bench.policies import sampler_params
+from dengine.kv.policies.entropy import EntropyOptions
 from dengine.llm import LLM
-from dengine.sampling_params import SamplingParams
-from dengine.tasks.digit_reversal import split_problems
+
+AGGRESSIVE = {"tau": 1e9, "k": 0}  # never refresh, never recompute committed tokens
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None,
-                        help="embedded model name or checkpoint folder (default: llada-reverse)")
-    parser.add_argument("--n", type=int, default=64, help="held-out problems")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dengine", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded model name or checkpoint folder "
+                                                               f"(default: {DEFAULT_MODEL})")
+    parser.add_argument("--task", default=None, help="default: the task the model's folder names")
+    parser.add_argument("--n", type=int, default=200, help="held-out problems")
+    parser.add_argument("--aggressive", default=json.dumps(AGGRESSIVE),
+                        help="the too-aggressive EntropyCache options shown for contrast (JSON)")
+    args = parser.parse_args(argv)
+    task = model_task(args.model, args.task)
     llm = LLM(args.model)
-    _, problems = split_problems(0, args.n)
-    base = SamplingParams(gen_length=128, block_length=32, stop_at_eos=True)
-    results = compare(llm, problems, base, [("none", None), ("entropy", None)])
-    cached = results[-1]
-    for sample in cached.samples:
-        verdict = "right" if sample["correct"] == "True" else "wrong"
-        print(f"Q: {sample['question']}\nA: {sample['got']}   ({verdict})\n")
+    config = llm.engine.config
+    params = sum(p.numel() for p in llm.engine.model.parameters()) / 1e6
+    defaults = EntropyOptions()
+    print(f"dengine main job: {args.model} ({config.model_type}-format, {params:.1f}M parameters, "
+          f"{resolve_model(args.model)})\n"
+          f"task {task.name}: {task.summary}; {args.n} held-out problems, one token per step, "
+          f"gen_length {task.gen_length}, block_length {task.block_length}, {torch.get_num_threads()} CPU threads\n"
+          f"answers: {task.answer_format}\n"
+          f"policies: none (exact), entropy at its defaults (tau {defaults.tau}, k {defaults.k}), "
+          f"entropy {args.aggressive} (too aggressive)\n", flush=True)
+    problems = task.held_out(args.n)
+    base = sampler_params(task.sampler, task.gen_length, task.block_length)
+    runs = [("none", None), ("entropy", None), ("entropy", json.loads(args.aggressive))]
+    results = compare(llm, problems, base, runs)
+    names = ["exact", "EntropyCache", "too aggressive"]
+    print()
+    for i, sample in enumerate(results[0].samples):
+        print(f"Q: {sample['question']}")
+        for name, result in zip(names, results):
+            got = result.samples[i]
+            print(f"   {name:>15}: {got['got']}   ({'right' if got['correct'] == 'True' else 'wrong'})")
+        print()
     print(markdown_table(results))
-    print(f"\nEntropyCache: accuracy {cached.accuracy:.1%} (exact decoding {results[0].accuracy:.1%}), "
-          f"{cached.tokens_per_s:.0f} tokens/s, {cached.speedup:.2f}x faster than policy 'none'")
+    exact, cached, aggressive = results
+    print(f"\nEntropyCache: accuracy {cached.accuracy:.1%} against {exact.accuracy:.1%} exact, "
+          f"{cached.speedup:.2f}x faster ({cached.avg_query_tokens:.1f} query tokens per forward instead of "
+          f"{exact.avg_query_tokens:.1f}, a full recompute on {cached.full_recompute_rate:.0%} of steps); "
+          f"never refreshing is {aggressive.speedup:.2f}x faster but only {aggressive.accuracy:.1%} accurate.")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     dengine demo [--model M] [--n 64]                      the main job (same as `python -m dengine`)
     dengine serve [--model M] [--replicas N] [--port P]    the OpenAI-compatible server on Ray Serve
-    dengine bench {accuracy,policies,throughput,serve} ... benchmarks (`dengine bench throughput --help`)
+    dengine bench {accuracy,policies,throughput,serve,drift} ... benchmarks (`dengine bench drift --help`)
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import time
 
 
 BENCHMARKS = {"accuracy": "dengine.bench.accuracy", "policies": "dengine.bench.policies",
-              "throughput": "dengine.bench.throughput", "serve": "dengine.bench.serve_load"}
+              "throughput": "dengine.bench.throughput", "serve": "dengine.bench.serve_load",
+              "drift": "dengine.bench.drift"}
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -24,7 +25,13 @@ def _serve(args: argparse.Namespace) -> None:
 
     from dengine.serve.deployment import build_app
 
-    defaults = {"gen_length": args.gen_length, "block_length": args.block_length}
+    from dengine.assets import resolve_model
+    from dengine.tasks import TASK_FILE, task_of_model
+
+    folder = resolve_model(args.model)
+    task = task_of_model(folder) if (folder / TASK_FILE).is_file() else None
+    defaults = {"gen_length": args.gen_length or (task.gen_length if task else 128),
+                "block_length": args.block_length or (task.block_length if task else 32)}
     engine_kwargs = {"dtype": args.dtype, "cache_policy": args.cache_policy, "max_num_seqs": args.max_num_seqs}
     if args.cache_config:
         engine_kwargs["cache_config"] = json.loads(args.cache_config)
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("rest", nargs=argparse.REMAINDER)
 
     serve = commands.add_parser("serve", help="the OpenAI-compatible API on Ray Serve")
-    serve.add_argument("--model", default=None, help="checkpoint folder or embedded model name (default llada-reverse)")
+    serve.add_argument("--model", default=None, help="checkpoint folder or embedded model name (default llada-sudoku)")
     serve.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
     serve.add_argument("--replicas", type=int, default=1)
     serve.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
@@ -67,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--cache-config", default=None, help='JSON, e.g. \'{"tau": 0.05, "k": 8}\'')
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--kv-cache-memory", type=float, default=None, help="bytes, or a fraction of free memory")
-    serve.add_argument("--gen-length", type=int, default=128, help="default when a request sets no max_tokens")
-    serve.add_argument("--block-length", type=int, default=32)
+    serve.add_argument("--gen-length", type=int, default=None,
+                       help="when a request sets no max_tokens (default: the model's task's, else 128)")
+    serve.add_argument("--block-length", type=int, default=None, help="default: the model's task's, else 32")
 
     bench = commands.add_parser(
         "bench", help="benchmarks: accuracy, policies, throughput (offline), serve (load on a server)")
@@ -83,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         from dengine.__main__ import main as demo_main
 
-        sys.argv = ["dengine demo", *args.rest]
-        demo_main()
+        demo_main(args.rest)
     elif args.command == "serve":
         _serve(args)
 

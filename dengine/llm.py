@@ -19,6 +19,12 @@ from dengine.tokenizer import load_tokenizer
 Message = dict[str, str]
 
 
+def chat_prompt(tokenizer, conversation: list[Message]) -> dict[str, list[int]]:
+    """A conversation as the prompt the model answers: its chat template with the assistant turn opened."""
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+
 class LLM:
     """A thin layer over LLMEngine: submit a batch, step until done, return outputs in order."""
 
@@ -93,28 +99,36 @@ class LLM:
         for index, conversation in enumerate(conversations):
             if not conversation or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
                 raise ValueError(f"conversation {index}: expected a non-empty list of {{'role', 'content'}} dicts")
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            prompts.append({"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+            prompts.append(chat_prompt(tokenizer, conversation))
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, sequences: list, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
         order = {seq.request_id: i for i, seq in enumerate(sequences)}
         results: list[RequestOutput | None] = [None] * len(sequences)
-        bar = tqdm(total=len(sequences), desc="generate", unit="req", disable=not use_tqdm, dynamic_ncols=True)
-        start, committed = time.perf_counter(), 0
+        policies = sorted({seq.policy.name for seq in sequences})
+        label = f"generate [{policies[0] if len(policies) == 1 else 'mixed policies'}]"
+        # Progress in generated positions: a step moves it by what it committed; a request that stops early
+        # (stop_at_eos) counts its whole canvas once finished, so the bar ends at its total.
+        total = sum(seq.params.gen_length for seq in sequences)
+        bar = tqdm(total=total, desc=label, unit="tok", disable=not use_tqdm, dynamic_ncols=True)
+        start, done_requests = time.perf_counter(), 0
         try:
             for seq in sequences:
                 engine.add_sequence(seq)
-            while any(r is None for r in results):
+            while done_requests < len(sequences):
                 for output in engine.step():
                     index = order.get(output.request_id)
                     if index is not None:
                         results[index] = output
-                        committed += len(output.token_ids)
-                        bar.update(1)
-                elapsed = time.perf_counter() - start
-                bar.set_postfix_str(f"{committed / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+                        done_requests += 1
+                if use_tqdm:
+                    progress = sum(seq.params.gen_length if seq.is_finished else seq.metrics.committed_tokens
+                                   for seq in sequences)
+                    bar.update(progress - bar.n)
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix_str(f"{done_requests}/{len(sequences)} requests, "
+                                        f"{progress / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
         except BaseException:
             for seq in sequences:
                 engine.abort_request(seq.request_id)

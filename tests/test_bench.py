@@ -39,22 +39,51 @@ def test_accuracy_harness_reports_every_policy(tiny_models, family, tmp_path, ca
     assert "| policy |" in capsys.readouterr().out
 
 
-def test_calibration_script_picks_a_setting(tiny_models, tmp_path, capsys):
+def _calibration_module():
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "calibrate_entropy.py"
     spec = importlib.util.spec_from_file_location("calibrate_entropy", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_calibration_script_picks_a_setting(tiny_models, tmp_path, capsys):
+    module = _calibration_module()
     module.main(["--model", str(tiny_models / "llada"), "--n", "3", "--taus", "0", "1e9", "--ks", "2",
-                 "--gen-length", "128", "--block-length", "32", "--tolerance", "100", "--dtype", "float32",
-                 "--out", str(tmp_path / "c"), "--no-tqdm"])
+                 "--baselines", "dual", "--samplers", "one-token", "--gen-length", "128", "--block-length", "32",
+                 "--tolerance", "100", "--dtype", "float32", "--out", str(tmp_path / "c"), "--no-tqdm", "--plot"])
     printed = capsys.readouterr().out
-    assert "fastest within 100.0 points" in printed
+    assert "least work within 100.0 points" in printed
     record = json.loads((tmp_path / "c.json").read_text())
-    results = record["results"]
-    assert [r["cache_config"] for r in results] == [None, {"tau": 0.0, "k": 2}, {"tau": 1e9, "k": 2}]
-    assert results[1]["full_recompute_rate"] == 1.0 and results[2]["full_recompute_rate"] < 0.1
-    assert record["best"] in ({"tau": 0.0, "k": 2}, {"tau": 1e9, "k": 2})
-    assert "fastest within" in (tmp_path / "c.md").read_text()
+    assert record["task"] == "digit-reversal"  # from the model folder's task.json
+    results = record["runs"]["one-token"]
+    assert [(r["policy"], r["cache_config"]) for r in results] == [
+        ("none", None), ("dual", None), ("entropy", {"tau": 0.0, "k": 2}), ("entropy", {"tau": 1e9, "k": 2})]
+    assert results[2]["full_recompute_rate"] == 1.0 and results[3]["full_recompute_rate"] < 0.1
+    assert record["best"] == {"one-token": {"tau": 1e9, "k": 2}}  # every setting qualifies: the least work wins
+    assert "least work within" in (tmp_path / "c.md").read_text() and (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_calibration_rule_by_hand():
+    module = _calibration_module()
+
+    result = accuracy_result
+    none = result("none", None, 0.90, 80.0)
+    cheap_wrong = result("entropy", {"tau": 1e9, "k": 0}, 0.50, 15.0)
+    good = result("entropy", {"tau": 0.3, "k": 1}, 0.895, 20.0)
+    tie_conservative = result("entropy", {"tau": 0.1, "k": 4}, 0.90, 20.5)  # within 5% of the work: a tie
+    costly = result("entropy", {"tau": 0.01, "k": 8}, 0.90, 40.0)
+    dual = result("dual", None, 0.99, 10.0)  # not an EntropyCache setting: never chosen
+    results = [none, cheap_wrong, good, tie_conservative, costly, dual]
+    assert module.best_setting(results, tolerance=0.01) is tie_conservative
+    assert module.best_setting(results, tolerance=0.5) is cheap_wrong
+    assert module.best_setting([none, cheap_wrong], tolerance=0.01) is None
+
+
+def accuracy_result(policy, config, accuracy_value, work):
+    return accuracy.PolicyResult(policy=policy, cache_config=config, n=100, accuracy=accuracy_value, wall_s=1.0,
+                                 nfe=24.0, tokens_per_forward=1.0, avg_query_tokens=work, full_recompute_rate=0.0,
+                                 tokens_per_s=1.0, answer_tokens_per_s=1.0, decision_share=0.0)
 
 
 def test_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):

@@ -8,36 +8,44 @@ import pytest
 
 from dengine import LLM, SamplingParams
 from dengine.assets import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_model
-from dengine.tasks import check_answer, split_problems
+from dengine.tasks import task_of_model
 
-MAX_BYTES = 40 * 1024 * 1024  # both checkpoints together (the budget)
+MAX_BYTES = 25 * 1024 * 1024  # per checkpoint folder
+# held-out problems decoded per model, and how many must be right with exact decoding
+SOLVED = {"digit-reversal": (8, 7), "sudoku4": (32, 28)}
 
 
-def test_both_embedded_models_ship_in_the_real_formats():
-    total = 0
-    for name, family in (("llada-reverse", "llada"), ("dream-reverse", "dream")):
-        folder = EMBEDDED_MODELS[name]
-        config = json.loads((folder / "config.json").read_text())
-        assert config["model_type"].lower() == family, name  # Dream writes "Dream", as the real one
-        for required in ("model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                         "generation_config.json", "README.md"):
-            assert (folder / required).is_file(), f"{name} lacks {required}"
-        total += sum(f.stat().st_size for f in folder.iterdir())
-    assert total <= MAX_BYTES
-    assert resolve_model(None) == EMBEDDED_MODELS[DEFAULT_MODEL] == EMBEDDED_MODELS["llada-reverse"]
+@pytest.mark.parametrize("name", sorted(EMBEDDED_MODELS))
+def test_embedded_models_ship_in_the_real_formats(name):
+    folder = EMBEDDED_MODELS[name]
+    family = name.split("-")[0]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"].lower() == family, name  # Dream writes "Dream", as the real one
+    for required in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                     "README.md", "task.json"):
+        assert (folder / required).is_file(), f"{name} lacks {required}"
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= MAX_BYTES
+    card = (folder / "README.md").read_text()
+    assert task_of_model(folder).name in card and "python -m dengine.training.train" in card
+
+
+def test_the_default_model_is_the_main_jobs():
+    assert resolve_model(None) == EMBEDDED_MODELS[DEFAULT_MODEL] == EMBEDDED_MODELS["llada-sudoku"]
 
 
 @pytest.fixture(scope="module")
 def default_llm():
-    return LLM()  # no model argument: the embedded LLaDA-format model
+    return LLM()  # no model argument: the default embedded model
 
 
-@pytest.mark.parametrize("name", ["llada-reverse", "dream-reverse"])
+@pytest.mark.parametrize("name", sorted(EMBEDDED_MODELS))
 def test_embedded_models_solve_held_out_problems(name, default_llm):
     llm = default_llm if name == DEFAULT_MODEL else LLM(name)
     assert llm.engine.config.model_type == name.split("-")[0]
-    _, problems = split_problems(0, 8)
-    params = SamplingParams(gen_length=128, block_length=32, steps=128, cache_policy="none")
+    task = task_of_model(EMBEDDED_MODELS[name])
+    count, required = SOLVED[task.name]
+    problems = task.held_out(count)
+    params = SamplingParams(gen_length=task.gen_length, block_length=task.block_length, cache_policy="none")
     outputs = llm.chat([[{"role": "user", "content": p.question}] for p in problems], params, use_tqdm=False)
-    solved = [check_answer(p, o.text) for p, o in zip(problems, outputs)]
-    assert sum(solved) >= 7, [(p.question, o.text) for p, o in zip(problems, outputs)]
+    solved = [p.check(o.text) for p, o in zip(problems, outputs)]
+    assert sum(solved) >= required, [(p.question, o.text) for p, o in zip(problems, outputs)]

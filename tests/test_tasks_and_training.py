@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from dengine import load_model, load_tokenizer
 from dengine.models import MODEL_FAMILIES
-from dengine.tasks import ReversalProblem, check_answer, generate_problems, split_problems
+from dengine.tasks import ReversalProblem, check_answer, generate_problems, get_task, split_problems
 from dengine.tasks.digit_reversal import NUM_DIGITS
 from dengine.training import train
 from dengine.training.tokenizer import specials_for, write_tokenizer
@@ -110,7 +110,7 @@ def test_training_loss_decreases(tmp_path):
     generator = torch.Generator().manual_seed(0)
     init_weights(model, 2, generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    stream = ProblemStream(0, held_out=10)
+    stream = ProblemStream(get_task("digit-reversal"), 0, held_out=10)
     canvas, prompt_len = encode_batch(stream.batch(8), tokenizer, ids["end_of_turn"], ids["eos_token"], 128)
     losses = []
     for _ in range(25):

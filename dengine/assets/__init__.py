@@ -1,4 +1,7 @@
-"""The embedded models: small LLaDA- and Dream-format checkpoints trained on the digit-reversal task."""
+"""The embedded models: small LLaDA- and Dream-format checkpoints trained by dengine on its tasks.
+
+Each folder is a real-format checkpoint plus task.json naming the task it was trained on (dengine.tasks).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ ASSETS = Path(__file__).parent
 EMBEDDED_MODELS = {
     "llada-reverse": ASSETS / "llada-reverse",
     "dream-reverse": ASSETS / "dream-reverse",
+    "llada-sudoku": ASSETS / "llada-sudoku",
+    "dream-sudoku": ASSETS / "dream-sudoku",
 }
-DEFAULT_MODEL = "llada-reverse"
+DEFAULT_MODEL = "llada-sudoku"
 
 
 def resolve_model(model: str | Path | None) -> Path:
@@ -22,7 +27,7 @@ def resolve_model(model: str | Path | None) -> Path:
     if not (folder / "model.safetensors").is_file():
         raise ValueError(
             f"the embedded model {model!r} is not part of this build (no weights under {folder}); "
-            "pass model=PATH to a checkpoint folder, or train it: python -m dengine.training.train "
-            f"--family {str(model).split('-')[0]} --out {folder}"
+            "pass model=PATH to a checkpoint folder, or train it with the command in its model card "
+            f"({folder / 'README.md'})"
         )
     return folder

@@ -1,6 +1,8 @@
-"""Accuracy harness: held-out digit-reversal problems through LLM.chat, accuracy next to speed, per policy.
+"""Accuracy harness: a model's held-out task problems through LLM.chat, accuracy next to speed, per policy.
 
-    python -m dengine.bench.accuracy --model llada-reverse --policies none entropy dual --n 500
+    python -m dengine.bench.accuracy --model llada-sudoku --policies none entropy dual --n 500
+
+The task and its decoding settings come from the model's folder (task.json); flags only override them.
 
 Every policy runs the same problems with the same sampler in one process; speedup is wall time of the
 first policy (the baseline, "none" by default) over the policy's. Prints a Markdown table and JSON.
@@ -19,7 +21,8 @@ from dengine.bench.report import run_record
 from dengine.llm import LLM
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
-from dengine.tasks.digit_reversal import ReversalProblem, check_answer, split_problems
+from dengine.assets import resolve_model
+from dengine.tasks import Problem, Task, get_task, task_of_model
 
 
 @dataclass
@@ -60,14 +63,14 @@ def output_stats(outputs: list[RequestOutput], wall: float, eos: int) -> dict[st
     }
 
 
-def evaluate(llm: LLM, problems: list[ReversalProblem], params: SamplingParams, use_tqdm: bool = True,
+def evaluate(llm: LLM, problems: list[Problem], params: SamplingParams, use_tqdm: bool = True,
              samples: int = 3) -> PolicyResult:
     """Run the problems as chats and score them; params carries the policy (cache_policy / cache_config)."""
     conversations = [[{"role": "user", "content": p.question}] for p in problems]
     start = time.perf_counter()
     outputs = llm.chat(conversations, params, use_tqdm=use_tqdm)
     wall = time.perf_counter() - start
-    correct = [check_answer(p, o.text or "") for p, o in zip(problems, outputs)]
+    correct = [p.check(o.text or "") for p, o in zip(problems, outputs)]
     stats = output_stats(outputs, wall, llm.engine.config.eos_token_id)
     return PolicyResult(
         policy=outputs[0].metrics.cache_policy,
@@ -89,7 +92,7 @@ def evaluate(llm: LLM, problems: list[ReversalProblem], params: SamplingParams, 
     )
 
 
-def compare(llm: LLM, problems: list[ReversalProblem], base: SamplingParams,
+def compare(llm: LLM, problems: list[Problem], base: SamplingParams,
             policies: list[tuple[str, dict[str, Any] | None]], use_tqdm: bool = True) -> list[PolicyResult]:
     """Each policy on the same problems and sampler; speedups against the first one."""
     results = []
@@ -126,15 +129,26 @@ def parse_policy(spec: str) -> tuple[str, dict[str, Any] | None]:
     return name, json.loads(options) if options else None
 
 
+def model_task(model: str | Path | None, task: str | None) -> Task:
+    """The task named on the command line, else the one the model's folder names."""
+    return get_task(task) if task else task_of_model(resolve_model(model))
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """--task, --gen-length and --block-length: overrides of what the model's task.json implies."""
+    parser.add_argument("--task", default=None, help="default: the task the model's folder names (task.json)")
+    parser.add_argument("--gen-length", type=int, default=None, help="default: the task's")
+    parser.add_argument("--block-length", type=int, default=None, help="default: the task's")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llada-reverse", help="embedded model name or checkpoint folder")
+    parser = argparse.ArgumentParser(prog="dengine bench accuracy", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llada-sudoku", help="embedded model name or checkpoint folder")
     parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual"],
                         help='policies in order, the first is the baseline; options as \'entropy:{"tau":0.5}\'')
     parser.add_argument("--n", type=int, default=500, help="held-out problems")
     parser.add_argument("--batch-size", type=int, default=64, help="max_num_seqs (1 = one request at a time)")
-    parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument("--block-length", type=int, default=32)
+    add_task_arguments(parser)
     parser.add_argument("--steps", type=int, default=None, help="default: gen_length (one token per step)")
     parser.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding")
     parser.add_argument("--stop-at-eos", action="store_true", help="finish a request once its answer is fixed")
@@ -143,14 +157,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-tqdm", action="store_true")
     args = parser.parse_args(argv)
 
+    task = model_task(args.model, args.task)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.batch_size)
-    _, problems = split_problems(0, args.n)
-    base = SamplingParams(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+    problems = task.held_out(args.n)
+    base = SamplingParams(gen_length=args.gen_length or task.gen_length,
+                          block_length=args.block_length or task.block_length, steps=args.steps,
                           threshold=args.threshold, stop_at_eos=args.stop_at_eos)
     results = compare(llm, problems, base, [parse_policy(p) for p in args.policies], not args.no_tqdm)
     print(markdown_table(results))
     record = run_record(
-        "python -m dengine.bench.accuracy", argv, model=str(args.model),
+        "python -m dengine.bench.accuracy", argv, model=str(args.model), task=task.name,
         sampler={f: getattr(base, f) for f in ("gen_length", "block_length", "steps", "threshold", "stop_at_eos")},
         batch_size=args.batch_size, results=[asdict(r) for r in results],
     )

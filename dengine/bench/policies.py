@@ -1,11 +1,12 @@
 """The policy table: accuracy next to speed for every cache policy, per model, sampler and batch size.
 
-    python -m dengine.bench.policies --models llada-reverse dream-reverse \\
+    python -m dengine.bench.policies --models llada-sudoku dream-sudoku \\
         --policies none entropy dual dllm d2cache --samplers one-token threshold:0.9 --batch-sizes 1 16 --n 64 \\
         --out docs/bench/policies
 
-Every (model, sampler, batch size) runs each policy on the same held-out problems in one process, the first
-policy being the baseline of the speedups (as in `dengine.bench.accuracy`). Writes a Markdown table, JSON,
+Every (model, sampler, batch size) runs each policy on the same held-out problems of the model's task
+(task.json in its folder, or --task) in one process, the first policy being the baseline of the speedups
+(as in `dengine.bench.accuracy`). Writes a Markdown table, JSON,
 and with --plot (needs matplotlib, the `bench` extra) accuracy against speedup as a PNG.
 """
 
@@ -17,11 +18,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from dengine.bench.accuracy import PolicyResult, compare, markdown_table, parse_policy
+from dengine.bench.accuracy import PolicyResult, add_task_arguments, compare, markdown_table, model_task, parse_policy
 from dengine.bench.report import figure, run_record, write_report
 from dengine.llm import LLM
 from dengine.sampling_params import SamplingParams
-from dengine.tasks.digit_reversal import split_problems
 
 
 def sampler_params(spec: str, gen_length: int, block_length: int) -> SamplingParams:
@@ -62,28 +62,30 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["llada-reverse", "dream-reverse"])
+    parser = argparse.ArgumentParser(prog="dengine bench policies", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["llada-sudoku", "dream-sudoku"])
     parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual", "dllm", "d2cache"],
                         help='the first is the baseline; options as \'entropy:{"tau": 0.5}\'')
     parser.add_argument("--samplers", nargs="+", default=["one-token", "threshold:0.9"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="max_num_seqs of each run")
     parser.add_argument("--n", type=int, default=64, help="held-out problems per run")
-    parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument("--block-length", type=int, default=32)
+    add_task_arguments(parser)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json (and OUT.png with --plot)")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--no-tqdm", action="store_true")
     args = parser.parse_args(argv)
-    samplers = [(spec, sampler_params(spec, args.gen_length, args.block_length)) for spec in args.samplers]
     policies = [parse_policy(p) for p in args.policies]
     if any(b < 1 for b in args.batch_sizes):
         parser.error("batch sizes must be positive")
-    _, problems = split_problems(0, args.n)
 
-    rows = []
+    rows, tasks = [], {}
     for model in args.models:
+        task = model_task(model, args.task)
+        tasks[str(model)] = task.name
+        problems = task.held_out(args.n)
+        gen_length, block_length = args.gen_length or task.gen_length, args.block_length or task.block_length
+        samplers = [(spec, sampler_params(spec, gen_length, block_length)) for spec in args.samplers]
         llm = LLM(model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes))
         for spec, params in samplers:
             for batch_size in args.batch_sizes:
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     rows.append({"model": str(model), "sampler": spec, "batch_size": batch_size, "result": result})
     markdown = table(rows)
     print(markdown)
-    record = run_record("python -m dengine.bench.policies", argv, n=args.n, gen_length=args.gen_length,
+    record = run_record("python -m dengine.bench.policies", argv, n=args.n, tasks=tasks, gen_length=args.gen_length,
                         block_length=args.block_length,
                         rows=[{k: v for k, v in row.items() if k != "result"} | asdict(row["result"]) for row in rows])
     write_report(args.out, record, markdown, (lambda path: plot(rows, path)) if args.plot else None)

@@ -32,7 +32,8 @@ import httpx
 from tqdm.auto import tqdm
 
 from dengine.bench.report import figure, run_record, write_report
-from dengine.tasks.digit_reversal import split_problems
+from dengine.assets import EMBEDDED_MODELS
+from dengine.tasks import get_task, task_of_model
 
 
 @dataclass
@@ -193,7 +194,7 @@ def plot(results: list[LoadResult], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine bench serve", description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="the served model name (default: the server's only model)")
     loads = parser.add_mutually_exclusive_group()
@@ -203,7 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     loads.add_argument("--sweep-concurrency", type=int, nargs="+")
     parser.add_argument("--num-requests", type=int, default=64, help="per load point")
     parser.add_argument("--max-seconds", type=float, default=300, help="per load point")
-    parser.add_argument("--max-tokens", type=int, default=128, help="the generation length")
+    parser.add_argument("--max-tokens", type=int, default=None, help="the generation length (default: the task's)")
+    parser.add_argument("--task", default=None,
+                        help="the questions asked (default: the served embedded model's task, else digit-reversal)")
     parser.add_argument("--extra", default=None, help='JSON merged into every body, e.g. \'{"threshold": 0.9}\'')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json (and OUT.png with --plot)")
@@ -213,9 +216,13 @@ def main(argv: list[str] | None = None) -> dict:
     url = args.url.rstrip("/")
     check_loopback(url)
     model = args.model or httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-    _, problems = split_problems(0, args.num_requests)
+    if args.task:
+        task = get_task(args.task)
+    else:
+        task = task_of_model(EMBEDDED_MODELS[model]) if model in EMBEDDED_MODELS else get_task("digit-reversal")
+    problems = task.held_out(args.num_requests)
     extra = json.loads(args.extra) if args.extra else {}
-    bodies = [{"model": model, "messages": [{"role": "user", "content": p.question}], "max_tokens": args.max_tokens,
+    bodies = [{"model": model, "messages": [{"role": "user", "content": p.question}], "max_tokens": args.max_tokens or task.gen_length,
                "stream": True, "stream_options": {"include_usage": True}, **extra} for p in problems]
     if args.sweep_rates or args.rate:
         points = [("rate", r) for r in (args.sweep_rates or [args.rate])]
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         markdown += (f"\n\nsaturation knee: {saturation.mode} {saturation.load:g} "
                      f"({saturation.output_tokens_per_s:.1f} output tokens/s, 90% of the sweep's best)")
     print(markdown)
-    record = run_record("python -m dengine.bench.serve_load", argv, model=model, results=[asdict(r) for r in results],
+    record = run_record("python -m dengine.bench.serve_load", argv, model=model, task=task.name, results=[asdict(r) for r in results],
                         knee=None if saturation is None else asdict(saturation))
     write_report(args.out, record, markdown, (lambda path: plot(results, path)) if args.plot else None)
     return record

@@ -28,7 +28,9 @@ from dengine.bench.policies import sampler_params
 from dengine.bench.report import figure, run_record, write_report
 from dengine.config import ModelConfig
 from dengine.llm import LLM
-from dengine.tasks.digit_reversal import split_problems
+from dengine.assets import resolve_model
+from dengine.llm import chat_prompt
+from dengine.tasks import TASK_FILE, Task, task_of_model
 
 
 @dataclass
@@ -74,13 +76,10 @@ def flops_per_query_token(config: ModelConfig, canvas_tokens: int) -> float:
     return 2 * config.num_layers * (projections + attention)
 
 
-def make_prompts(llm: LLM, source: str, n: int, input_len: int, seed: int) -> list[dict]:
-    if source == "task":
-        _, problems = split_problems(0, n)
-        tok = llm.tokenizer
-        texts = [tok.apply_chat_template([{"role": "user", "content": p.question}], add_generation_prompt=True,
-                                         tokenize=False) for p in problems]
-        return [{"prompt_token_ids": tok.encode(t, add_special_tokens=False)} for t in texts]
+def make_prompts(llm: LLM, task: Task | None, n: int, input_len: int, seed: int) -> list[dict]:
+    """The task's held-out questions as chats, or (task None) random prompts of input_len tokens."""
+    if task is not None:
+        return [chat_prompt(llm.tokenizer, [{"role": "user", "content": p.question}]) for p in task.held_out(n)]
     config = llm.engine.config
     special = {config.mask_token_id, config.eos_token_id, config.pad_token_id, config.bos_token_id}
     generator = torch.Generator().manual_seed(seed)
@@ -161,7 +160,7 @@ def plot(pairs: list[tuple[ThroughputResult, ThroughputResult]], path: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine bench throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llada-reverse")
     parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual"])
     parser.add_argument("--n", type=int, default=64, help="requests per policy (without --concurrency)")
@@ -170,8 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="instead: for each C, C requests batched and the same C one at a time")
     parser.add_argument("--prompt-source", choices=["task", "random"], default="task")
     parser.add_argument("--input-len", type=int, default=64, help="random prompts only")
-    parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--gen-length", type=int, default=None,
+                        help="default: the model's task's (task.json), else 128")
+    parser.add_argument("--block-length", type=int, default=None, help="default: the model's task's, else 32")
     parser.add_argument("--sampler", default="one-token", help="one-token, threshold:V or factor:V")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
@@ -181,7 +181,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max([args.max_num_seqs, *(args.concurrency or [])]))
-    base = sampler_params(args.sampler, args.gen_length, args.block_length)
+    folder = resolve_model(args.model)
+    task = task_of_model(folder) if (folder / TASK_FILE).is_file() else None
+    if task is None and args.prompt_source == "task":
+        parser.error(f"{args.model} names no task ({TASK_FILE}): use --prompt-source random")
+    base = sampler_params(args.sampler, args.gen_length or (task.gen_length if task else 128),
+                          args.block_length or (task.block_length if task else 32))
+    task = task if args.prompt_source == "task" else None
     policies = [parse_policy(p) for p in args.policies]
     dtype = next(llm.engine.model.parameters()).dtype
     peak = measured_peak_flops(llm.engine.device, dtype)
@@ -190,11 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, config in policies:
         params = base.replace(cache_policy=name, cache_config=config)
         if args.concurrency is None:
-            prompts = make_prompts(llm, args.prompt_source, args.n, args.input_len, args.seed)
+            prompts = make_prompts(llm, task, args.n, args.input_len, args.seed)
             results.append(run(llm, prompts, params, args.max_num_seqs, use_tqdm, peak))
             continue
         for c in args.concurrency:
-            prompts = make_prompts(llm, args.prompt_source, c, args.input_len, args.seed)
+            prompts = make_prompts(llm, task, c, args.input_len, args.seed)
             pair = (run(llm, prompts, params, c, use_tqdm, peak), run(llm, prompts, params, 1, use_tqdm, peak))
             pairs.append(pair)
             results.extend(pair)

@@ -35,6 +35,11 @@ class ReversalProblem:
             raise ValueError(f"digits must be a non-empty sequence of 0..9, got {self.digits!r}")
 
     @property
+    def key(self) -> tuple[int, ...]:
+        """What makes two problems the same question (used to keep splits disjoint)."""
+        return self.digits
+
+    @property
     def question(self) -> str:
         return "Reverse the digits of " + "".join(map(str, self.digits))
 
@@ -54,6 +59,10 @@ class ReversalProblem:
     def answer(self) -> str:
         """The worked solution: every line of work, then '=>' and the reversed digits."""
         return "".join(self.lines) + "=>" + self.target
+
+    def check(self, text: str) -> bool:
+        """True iff the text ends with '=>' followed by exactly the reversed digits (the work is not graded)."""
+        return check_answer(self, text)
 
 
 def check_answer(problem: ReversalProblem, text: str) -> bool:

@@ -1,7 +1,10 @@
-"""Train a small LLaDA- or Dream-format model on the digit-reversal task with the masked-diffusion SFT objective.
+"""Train a small LLaDA- or Dream-format model on a registered task with the masked-diffusion SFT objective.
 
-    python -m dengine.training.train --family llada --out dengine/assets/llada-reverse --steps 2500 --stop-at 1800 \
-        --warmup 100 --lr 2e-3 --batch-size 32 --threads 1     # the shipped model (its card has the rest)
+    python -m dengine.training.train --task digit-reversal --family llada --out dengine/assets/llada-reverse \
+        --steps 2500 --stop-at 1800 --warmup 100 --lr 2e-3 --batch-size 32 --threads 1   # a shipped model
+
+Each model card (dengine/assets/*/README.md) has its exact command; the folder gets a task.json naming
+the task, so the benchmarks find the task from the model.
 
 The objective is LLaDA's SFT: the response (answer, end-of-turn, EOS padding to gen_length) is masked at a
 ratio t ~ U(0, 1); the loss is the cross-entropy on masked positions weighted by 1/t, normalised by the
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 from dengine.config import ModelConfig
 from dengine.models import MODEL_FAMILIES
 from dengine.models.loader import load_model
-from dengine.tasks.digit_reversal import HELD_OUT_SEED, ReversalProblem, generate_problems, random_problem
+from dengine.tasks import TASKS, Problem, Task, get_task, write_task_file
 from dengine.tokenizer import load_tokenizer
 from dengine.training.dense import TrainingKV, dense_batch
 from dengine.training.export import save_checkpoint
@@ -71,22 +73,16 @@ def init_weights(model: torch.nn.Module, num_layers: int, generator: torch.Gener
 
 
 class ProblemStream:
-    """Endless seeded training problems, never one of the held-out problems."""
+    """Endless seeded training problems of a task, never one of its held-out problems."""
 
-    def __init__(self, seed: int, held_out: int) -> None:
-        self.rng = random.Random(seed)
-        self.excluded = {p.digits for p in generate_problems(held_out, HELD_OUT_SEED)}
+    def __init__(self, task: Task, seed: int, held_out: int) -> None:
+        self.problems = task.training_stream(seed, held_out)
 
-    def batch(self, size: int) -> list[ReversalProblem]:
-        out = []
-        while len(out) < size:
-            problem = random_problem(self.rng)
-            if problem.digits not in self.excluded:
-                out.append(problem)
-        return out
+    def batch(self, size: int) -> list[Problem]:
+        return [next(self.problems) for _ in range(size)]
 
 
-def encode_batch(problems: list[ReversalProblem], tokenizer, eot: int, eos: int, gen_length: int):
+def encode_batch(problems: list[Problem], tokenizer, eot: int, eos: int, gen_length: int):
     """Canvases [B, T] (chat-templated prompt + answer + end-of-turn + EOS padding) and the prompt length."""
     rows, prompt_len = [], None
     for problem in problems:
@@ -127,14 +123,15 @@ def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, g
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train an embedded digit-reversal model (LLaDA or Dream format).")
+    parser = argparse.ArgumentParser(description="Train an embedded model (LLaDA or Dream format) on a task.")
+    parser.add_argument("--task", choices=sorted(TASKS), default="digit-reversal")
     parser.add_argument("--family", choices=sorted(MODEL_FAMILIES), required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--gen-length", type=int, default=128)
+    parser.add_argument("--gen-length", type=int, default=None, help="default: the task's")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--heads", type=int, default=8)
@@ -154,8 +151,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--stop-at must be in [1, --steps], got {args.stop_at}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    gen_length = args.gen_length or task.gen_length
 
     ids = write_tokenizer(args.out, args.family)
+    write_task_file(args.out, task)
     tokenizer = load_tokenizer(args.out)
     config = model_config(args.family, ids, args)
     torch.manual_seed(args.seed)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{args.init_from} has another architecture than the one asked for")
         model.load_state_dict(start_from.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    stream = ProblemStream(args.seed, held_out=500)
+    stream = ProblemStream(task, args.seed, held_out=500)
 
     def lr_at(step: int) -> float:
         if step < args.warmup:
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(range(stop_at), desc=f"train {args.family}", dynamic_ncols=True)
     for step in bar:
         canvas, prompt_len = encode_batch(stream.batch(args.batch_size), tokenizer, ids["end_of_turn"],
-                                          ids["eos_token"], args.gen_length)
+                                          ids["eos_token"], gen_length)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
