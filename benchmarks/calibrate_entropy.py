@@ -3,6 +3,8 @@
     python benchmarks/calibrate_entropy.py --model llada-sudoku --n 200 --samplers one-token threshold:0.9 \\
         --out docs/bench/calib-llada-sudoku --plot
 
+    python benchmarks/calibrate_entropy.py --combine docs/bench/calib-llada-sudoku.json docs/bench/calib-dream-sudoku.json
+
 For each sampler, runs policy "none", the published policies at their published settings (--baselines) and
 every (tau, k) of the grid on the same problems in one process, prints the table (accuracy, NFE, full
 recomputes, query tokens per forward, wall time, speedup against "none") and names, per sampler, the
@@ -10,7 +12,9 @@ setting chosen by the rule: the least work (query tokens per forward) whose accu
 points of "none"; settings within 5% of that work count as ties, and the most conservative of them (lowest
 tau, then largest k) wins. With --plot, a Pareto figure: accuracy against query tokens per forward and
 against wall time, per sampler. Recalibrate for your own model by pointing --model at its folder (its
-task.json names the task, or pass --task).
+task.json names the task, or pass --task). --combine reads recorded runs (their JSON) and applies the
+rule jointly: the (tau, k) within --tolerance points of "none" in every run, with the least work summed
+over the runs (each run's work relative to its "none"); this is how the shipped defaults were chosen.
 """
 
 from __future__ import annotations
@@ -42,6 +46,48 @@ def best_setting(results: list[PolicyResult], tolerance: float, same_work: float
     least = min(r.avg_query_tokens for r in eligible)
     tied = [r for r in eligible if r.avg_query_tokens <= least * (1 + same_work)]
     return min(tied, key=lambda r: (r.cache_config["tau"], -r.cache_config["k"]))
+
+
+def joint_best(runs: list[list[dict]], tolerance: float) -> tuple[dict | None, list[str]]:
+    """The (tau, k) within tolerance (fraction) of "none" in every run (lists of PolicyResult dicts), with the
+    least summed relative work; ties (within 5%) go to the most conservative. Also a table of candidates."""
+    candidates: dict[tuple[float, int], list[dict]] = {}
+    for results in runs:
+        for r in results[1:]:
+            if r["policy"] == "entropy" and r["cache_config"]:
+                candidates.setdefault((r["cache_config"]["tau"], r["cache_config"]["k"]), []).append(r)
+    rows, eligible = [], []
+    for (tau, k), found in sorted(candidates.items()):
+        if len(found) != len(runs):
+            continue
+        drops = [results[0]["accuracy"] - r["accuracy"] for results, r in zip(runs, found)]
+        work = sum(r["avg_query_tokens"] / results[0]["avg_query_tokens"] for results, r in zip(runs, found))
+        ok = all(drop <= tolerance + 1e-12 for drop in drops)
+        rows.append(f"| {tau:g} | {k} | {' / '.join(f'{-100 * d:+.1f}' for d in drops)} | {work:.2f} | "
+                    f"{'yes' if ok else ''} |")
+        if ok:
+            eligible.append((work, tau, k))
+    if not eligible:
+        return None, rows
+    least = min(work for work, _, _ in eligible)
+    _, tau, k = min((e for e in eligible if e[0] <= least * 1.05), key=lambda e: (e[1], -e[2]))
+    return {"tau": tau, "k": k}, rows
+
+
+def combine(paths: list[Path], tolerance: float) -> dict | None:
+    """Apply the joint rule to recorded calibration runs and print the candidates' table."""
+    records = [json.loads(path.read_text()) for path in paths]
+    runs, names = [], []
+    for path, record in zip(paths, records):
+        for sampler, results in record["runs"].items():
+            runs.append(results)
+            names.append(f"{record['model']} {sampler}")
+    best, rows = joint_best(runs, tolerance / 100)
+    print(f"runs: {' / '.join(names)}\n\n| tau | k | accuracy vs none (points, per run) | work (sum of query tokens "
+          f"relative to none) | within {tolerance} points in every run |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\njoint choice (least summed work, ties -> most conservative): {json.dumps(best)}")
+    return best
 
 
 def label(result: PolicyResult) -> str:
@@ -79,7 +125,7 @@ def plot(runs: dict[str, list[PolicyResult]], best: dict[str, PolicyResult | Non
         fig.suptitle(title, fontsize=10)
 
 
-def main(argv: list[str] | None = None) -> dict[str, PolicyResult | None]:
+def main(argv: list[str] | None = None) -> dict[str, PolicyResult | None] | dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llada-sudoku")
     parser.add_argument("--n", type=int, default=200)
@@ -96,7 +142,11 @@ def main(argv: list[str] | None = None) -> dict[str, PolicyResult | None]:
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json (and OUT.png with --plot)")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--no-tqdm", action="store_true")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="instead of running: the joint choice over recorded runs (their JSON files)")
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.tolerance)
 
     task = model_task(args.model, args.task)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.batch_size)

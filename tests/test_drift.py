@@ -85,3 +85,23 @@ def test_lag_profile_by_hand():
     assert lags[0]["mean"] == pytest.approx((0.9 + 0.8) / 2)  # each token at its own commit step
     assert lags[1]["mean"] == pytest.approx((0.2 + 0.4) / 2)
     assert lags[2]["mean"] == pytest.approx(0.1) and math.isnan(lags[3]["mean"])
+
+
+def test_reference_levels_by_hand():
+    # prompt of 2 positions; generated positions 2 and 3 committed at steps 0 and 1
+    position_drift = torch.tensor([[0.1, 0.3, 0.9, 0.5],
+                                   [0.2, 0.2, 0.2, 0.8],
+                                   [0.3, 0.1, 0.1, 0.4]])
+    trajectory = drift.Trajectory(steps=[], position_drift=position_drift, commit_step={2: 0, 3: 1})
+    prompt, masked = drift.reference_drift([trajectory], [2])
+    assert prompt == pytest.approx((0.1 + 0.3 + 0.2 + 0.2 + 0.3 + 0.1) / 6)
+    assert masked == pytest.approx(0.5)  # only position 3 at step 0 was still masked
+
+
+def test_a_request_decoded_in_one_step_has_nothing_to_measure(folders):
+    engine = LLMEngine(folders["llada"], dtype="float32", cache_policy="none", kv_cache_memory=1 << 24, block_size=8)
+    params = SamplingParams(gen_length=8, threshold=1e-9)  # every candidate passes: one step
+    trajectory = drift.decode_with_drift(engine, {"prompt_token_ids": [5, 6, 7]}, params)
+    assert trajectory.steps == [] and trajectory.position_drift.shape == (0, 11)
+    assert sorted(trajectory.commit_step) == list(range(3, 11))
+    assert drift.lag_profile([trajectory])[0]["count"] == 0

@@ -113,13 +113,13 @@ def decode_with_drift(engine: LLMEngine, prompt, params: SamplingParams, keep_ca
         # A sequence's blocks never change while it runs; the last step frees them (unwritten since).
         table = seq.block_tables[0] if seq.block_tables else table
         if table is None:
-            raise RuntimeError("the sequence finished in its first step: nothing to measure")
+            break  # finished in its first step (parallel decoding): no later step to compare with
         snapshots.append(snapshot(engine, table, seq.num_tokens))
     steps, per_position, commit_step = [], [], {}
     for s, outcome in enumerate(recorder.outcomes):
         for position in outcome.positions.tolist():
             commit_step[position] = s
-        if s + 1 == len(snapshots):
+        if s + 1 >= len(snapshots):
             break
         new, old = snapshots[s + 1], snapshots[s]
         norms = [torch.linalg.vector_norm(t, dim=(0, 1, 3)) for t in (new - old, new)]
@@ -178,11 +178,22 @@ def lag_profile(trajectories: list[Trajectory], max_lag: int = MAX_LAG) -> list[
             for lag, values in enumerate(by_lag)]
 
 
-def prompt_drift(trajectories: list[Trajectory], prompt_lengths: list[int]) -> float:
-    """Mean per-step drift of prompt positions: the level a settled token sits at."""
-    values = [float(t.position_drift[:, :length].mean()) for t, length in zip(trajectories, prompt_lengths)
-              if t.position_drift.numel()]
-    return sum(values) / len(values) if values else math.nan
+def reference_drift(trajectories: list[Trajectory], prompt_lengths: list[int]) -> tuple[float, float]:
+    """Mean per-step drift of prompt positions (never masked) and of still-masked positions: the levels a
+    committed token's drift is compared with."""
+    prompt, masked = [], []
+    for t, length in zip(trajectories, prompt_lengths):
+        steps, positions = t.position_drift.shape
+        if not steps:
+            continue
+        prompt.append(t.position_drift[:, :length].flatten())
+        committed = torch.full((positions,), steps + 1)
+        for position, step in t.commit_step.items():
+            committed[position] = step
+        still_masked = committed[None, length:] > torch.arange(steps)[:, None]  # [steps, generated]
+        masked.append(t.position_drift[:, length:][still_masked])
+    mean = lambda parts: float(torch.cat(parts).mean()) if parts else math.nan  # noqa: E731
+    return mean(prompt), mean(masked)
 
 
 @dataclass
@@ -193,6 +204,7 @@ class DriftReport:
     layer_drift: list[float]  # mean per layer
     lags: list[dict[str, float]]
     prompt_drift: float
+    masked_drift: float
     points: list[dict[str, float]] = field(default_factory=list)  # per step: signals and drift (for plots)
 
 
@@ -205,9 +217,10 @@ def summarise(trajectories: list[Trajectory], prompt_lengths: list[int]) -> Drif
     }
     layers = len(steps[0].layer_drift) if steps else 0
     layer_drift = [sum(s.layer_drift[i] for s in steps) / len(steps) for i in range(layers)]
-    points = [{**s.signals, "drift": s.drift, "drift_others": s.drift_others} for s in steps]
+    points = [{name: float(f"{value:.4g}") for name, value in  # 4 digits: enough to redraw the plots
+               {**s.signals, "drift": s.drift, "drift_others": s.drift_others}.items()} for s in steps]
     return DriftReport(len(trajectories), len(steps), correlations, layer_drift, lag_profile(trajectories),
-                       prompt_drift(trajectories, prompt_lengths), points)
+                       *reference_drift(trajectories, prompt_lengths), points)
 
 
 def markdown(report: DriftReport) -> str:
@@ -221,8 +234,8 @@ def markdown(report: DriftReport) -> str:
     lines += ["", "| layer | " + " | ".join(str(i) for i in range(len(report.layer_drift))) + " |",
               "|---|" + "---|" * len(report.layer_drift),
               "| mean drift per step | " + " | ".join(f"{d:.4f}" for d in report.layer_drift) + " |", "",
-              f"Committed tokens' own K/V drift d steps after their commit (prompt positions: "
-              f"{report.prompt_drift:.4f} per step):", "", "| d | tokens | mean | median |", "|---|---|---|---|"]
+              f"Committed tokens' own K/V drift d steps after their commit (for comparison, per step: prompt "
+              f"positions {report.prompt_drift:.4f}, still-masked positions {report.masked_drift:.4f}):", "", "| d | tokens | mean | median |", "|---|---|---|---|"]
     lines += [f"| {row['lag']} | {row['count']} | {row['mean']:.4f} | {row['median']:.4f} |" for row in report.lags]
     return "\n".join(lines)
 
@@ -231,19 +244,21 @@ def plot(report: DriftReport, title: str, path: Path) -> None:
     """Left: drift against the max entropy of the step's commits. Right: a token's drift against steps since
     its commit."""
     with figure(path, ncols=2, figsize=(11, 4.2)) as (fig, (left, right)):
-        x = [p["max_entropy"] for p in report.points]
+        x = [max(p["max_entropy"], 1e-8) for p in report.points]  # log axis: entropies below 1e-8 drawn at it
         left.scatter(x, [p["drift"] for p in report.points], s=6, alpha=0.35, label="all positions")
         left.scatter(x, [p["drift_others"] for p in report.points], s=6, alpha=0.35, label="not committed at s")
         rho = report.correlations["max_entropy"]["drift"]
         left.set_title(f"entropy tracks drift (Spearman {rho:+.2f})", fontsize=10)
         left.set_xlabel("max entropy of the tokens committed at step s (nats)")
+        left.set_xscale("log")
         left.set_ylabel("relative K/V drift, step s to s+1")
         left.set_yscale("log")
         left.legend(fontsize=8)
         lags = [row for row in report.lags if row["count"]]
         right.plot([r["lag"] for r in lags], [r["mean"] for r in lags], marker="o", label="mean")
         right.plot([r["lag"] for r in lags], [r["median"] for r in lags], marker="s", label="median")
-        right.axhline(report.prompt_drift, color="grey", linestyle="--", label="prompt positions (settled)")
+        right.axhline(report.prompt_drift, color="grey", linestyle="--", label="prompt positions")
+        right.axhline(report.masked_drift, color="grey", linestyle=":", label="still-masked positions")
         right.set_yscale("log")
         right.set_xlabel("steps since the token was committed (d)")
         right.set_ylabel("relative drift of its own K/V per step")
