@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded model name or checkpoint folder "
                                                                f"(default: {DEFAULT_MODEL})")
     parser.add_argument("--task", default=None, help="default: the task the model's folder names")
-    parser.add_argument("--n", type=int, default=200, help="held-out problems")
+    parser.add_argument("--n", type=int, default=500, help="held-out problems")
     parser.add_argument("--aggressive", default=json.dumps(AGGRESSIVE),
                         help="the too-aggressive EntropyCache options shown for contrast (JSON)")
     args = parser.parse_args(argv)

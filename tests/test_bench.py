@@ -89,8 +89,8 @@ def accuracy_result(policy, config, accuracy_value, work):
 def test_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
     import dengine.assets as assets
 
-    monkeypatch.setitem(assets.EMBEDDED_MODELS, "llada-reverse", tmp_path / "absent")
-    with pytest.raises(ValueError, match="embedded model 'llada-reverse' is not part of this build"):
+    monkeypatch.setitem(assets.EMBEDDED_MODELS, assets.DEFAULT_MODEL, tmp_path / "absent")
+    with pytest.raises(ValueError, match=f"embedded model '{assets.DEFAULT_MODEL}' is not part of this build"):
         assets.resolve_model(None)
     assert assets.resolve_model(tmp_path) == tmp_path
 

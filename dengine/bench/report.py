@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ def machine() -> str:
 
 def run_record(program: str, argv: list[str] | None, **fields: Any) -> dict[str, Any]:
     """The command that reproduces the run, the commit, the machine and the date, then the results."""
-    command = f"{program} " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"{program} " + shlex.join(argv if argv is not None else sys.argv[1:])  # pastes into a shell
     return {"command": command, "commit": git_commit(), "machine": machine(), "date": date.today().isoformat(),
             **fields}
 
