@@ -22,6 +22,13 @@ def resolve_model(model: str | Path | None) -> Path:
     if model is None:
         model = DEFAULT_MODEL
     if str(model) not in EMBEDDED_MODELS:
+        if not Path(model).is_dir():
+            raise ValueError(
+                f"{str(model)!r} is neither a local checkpoint folder nor an embedded model "
+                f"({', '.join(EMBEDDED_MODELS)}). dengine loads weights from local folders only and never "
+                "downloads hub ids such as 'GSAI-ML/LLaDA-8B-Instruct': download the folder first and pass "
+                "its path"
+            )
         return Path(model)
     folder = EMBEDDED_MODELS[str(model)]
     if not (folder / "model.safetensors").is_file():

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dengine.assets import resolve_model
 from dengine.bench.report import run_record
 from dengine.llm import LLM
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
-from dengine.assets import resolve_model
 from dengine.tasks import Problem, Task, get_task, task_of_model
 
 

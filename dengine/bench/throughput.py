@@ -23,13 +23,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dengine.assets import resolve_model
 from dengine.bench.accuracy import output_stats, parse_policy
 from dengine.bench.policies import sampler_params
 from dengine.bench.report import figure, run_record, write_report
 from dengine.config import ModelConfig
-from dengine.llm import LLM
-from dengine.assets import resolve_model
-from dengine.llm import chat_prompt
+from dengine.llm import LLM, chat_prompt
 from dengine.tasks import TASK_FILE, Task, task_of_model
 
 
