@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dengine.bench.accuracy import PolicyResult, add_task_arguments, compare, markdown_table, model_task, parse_policy
 from dengine.bench.policies import sampler_params
-from dengine.bench.report import figure, run_record, write_report
+from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.llm import LLM
 
 NEVER = 1e9  # a tau no entropy reaches: never refresh after step 0
@@ -96,7 +96,7 @@ def label(result: PolicyResult) -> str:
 
 def plot(runs: dict[str, list[PolicyResult]], best: dict[str, PolicyResult | None], title: str, path: Path) -> None:
     """Per sampler, accuracy against query tokens per forward (left) and wall time (right)."""
-    with figure(path, nrows=len(runs), ncols=2, figsize=(12, 4.2 * len(runs)), squeeze=False) as (fig, axes):
+    with figure(path, title, nrows=len(runs), ncols=2, figsize=(12, 4.2 * len(runs)), squeeze=False) as (_, axes):
         for row, (sampler, results) in enumerate(runs.items()):
             for col, (metric, xlabel) in enumerate((("avg_query_tokens", "query tokens per forward"),
                                                     ("wall_s", "wall time (s)"))):
@@ -122,7 +122,6 @@ def plot(runs: dict[str, list[PolicyResult]], best: dict[str, PolicyResult | Non
                 ax.grid(True, alpha=0.3)
                 if col == 1:
                     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        fig.suptitle(title, fontsize=10)
 
 
 def main(argv: list[str] | None = None) -> dict[str, PolicyResult | None] | dict | None:
@@ -149,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, PolicyResult | None] | dict
         return combine(args.combine, args.tolerance)
 
     task = model_task(args.model, args.task)
+    check = QuietCheck()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.batch_size)
     problems = task.held_out(args.n)
     grid = [("entropy", {"tau": tau, "k": k}) for tau, k in itertools.product(args.taus, args.ks)]
@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> dict[str, PolicyResult | None] | dict
         sections.append(f"### {sampler}\n\n{markdown_table(results)}\n\n{verdict}")
         print(sections[-1], flush=True)
     markdown = f"{args.model} on {task.name}, {args.n} held-out problems\n\n" + "\n\n".join(sections)
-    record = run_record("python benchmarks/calibrate_entropy.py", argv, model=str(args.model), task=task.name,
+    record = run_record("python benchmarks/calibrate_entropy.py", argv, check, model=str(args.model), task=task.name,
                         best={s: None if b is None else b.cache_config for s, b in best.items()},
                         runs={s: [asdict(r) for r in results] for s, results in runs.items()})
-    title = f"EntropyCache calibration: {args.model} on {task.name} ({record['machine']}, {record['date']})"
+    title = plot_title(record, f"EntropyCache calibration: {args.model} on {task.name}")
     write_report(args.out, record, markdown, (lambda path: plot(runs, best, title, path)) if args.plot else None)
     return best
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+import signal
 import time
 
 
@@ -42,15 +42,25 @@ def _serve(args: argparse.Namespace) -> None:
     # a busy machine starts Serve's HTTP proxy slowly; Serve's default 5 s readiness check would kill it
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     ray.init(address=args.ray_address, ignore_reinit_error=True)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name="dengine", route_prefix="/", blocking=False)
-    print(f"dengine: serving on http://{args.host}:{args.port}/v1 ({args.replicas} replica(s)); Ctrl-C stops",
-          flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, whose own handler dumps a stack and aborts
     try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="dengine", route_prefix="/", blocking=False)
+        print(f"dengine: serving on http://{args.host}:{args.port}/v1 ({args.replicas} replica(s)); Ctrl-C or "
+              "SIGTERM stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        print("dengine: stopping; requests still in flight are cut off", flush=True)
+    serve.shutdown()
+    if args.ray_address is None:
+        ray.shutdown()  # the local Ray this command started; a cluster given by --ray-address stays up
+    print("dengine: stopped", flush=True)
+
+
+def _interrupt(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:

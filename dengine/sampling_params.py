@@ -31,6 +31,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     top_p: float | None = None  # Dream
     top_k: int | None = None  # Dream; None: 50 (the official default), 0 or -1: no filter
     remasking: str = "low_confidence"
+    alg: str | None = None  # Dream's name for remasking (as the server accepts it); folded into remasking
     alg_temp: float | None = None  # Dream: sample commit positions from softmax(confidence / alg_temp)
     eps: float | None = None  # Dream: final timestep (default 1e-3)
     threshold: float | None = None  # Fast-dLLM: commit every in-block mask with confidence >= threshold
@@ -45,6 +46,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cache_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.alg is not None:
+            if self.remasking not in ("low_confidence", self.alg):
+                raise ValueError(f"remasking {self.remasking!r} and alg {self.alg!r} are the same option; they disagree")
+            self.remasking, self.alg = self.alg, None
         _check_int("gen_length", self.gen_length, minimum=1)
         block = self.gen_length if self.block_length is None else self.block_length
         _check_int("block_length", block, minimum=1)

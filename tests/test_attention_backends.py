@@ -112,3 +112,16 @@ def test_gpu_backend_reuses_layer_outputs_and_records_attention_like_torch(tmp_p
         results[name] = [out.float().cpu() for out in logits] + [p.float().cpu() for p in probed.attention]
     for got, ref in zip(results[backend_name], results["torch"]):
         assert (got - ref).abs().max() / ref.abs().max() < 2e-2
+
+
+def test_a_sequence_alone_computes_what_sdpa_computes_for_it_in_a_group(seed):
+    """A lone sequence goes through the written-out path, equal-shaped ones through one SDPA call; in fp64 they
+    must agree to fp64 rounding, or batching would change which tokens near-ties commit (batch invariance)."""
+    from dengine.attention.torch_sdpa import _sdpa, math_attention
+
+    q = torch.randn(2, 8, 5, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 37, 16, dtype=torch.float64) * 3 for _ in range(2))
+    alone = torch.cat([math_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i in range(2)])
+    assert (alone - _sdpa(q, k, v)).abs().max() < 1e-12
+    q32, k32, v32 = q.float(), k.float(), v.float()  # fp32 and lower keep an fp32 softmax
+    assert (math_attention(q32, k32, v32).double() - _sdpa(q, k, v)).abs().max() < 1e-4

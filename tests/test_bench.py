@@ -142,3 +142,20 @@ def test_throughput_benchmark_reports_the_real_run(tiny_models, tmp_path):
     assert "batched / one at a time" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
     assert record["peak_tflops"] > 0
+
+
+def test_a_noisy_machine_is_reported(monkeypatch, tmp_path, capsys):
+    from dengine.bench import report
+
+    peaks = iter([1e12, 0.5e12, 1e12, 1.05e12])  # a run that lost half its speed, then a quiet one
+    monkeypatch.setattr(report, "measured_peak_flops", lambda **_: next(peaks))
+    monkeypatch.setattr(report.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    noisy = report.run_record("bench", ["--x", "a b"], report.QuietCheck())
+    assert noisy["command"] == "bench --x 'a b'"  # pastes into a shell
+    warnings = noisy["quiet"]["warnings"]
+    assert len(warnings) == 2 and "load average was 9.0" in warnings[0] and "-50%" in warnings[1]
+    assert "WARNING: the load average" in capsys.readouterr().err
+    report.write_report(tmp_path / "noisy", noisy, "table")
+    assert (tmp_path / "noisy.md").read_text().count("**Warning:**") == 2
+    monkeypatch.setattr(report.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert report.run_record("bench", [], report.QuietCheck())["quiet"]["warnings"] == []

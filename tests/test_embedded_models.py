@@ -49,3 +49,10 @@ def test_embedded_models_solve_held_out_problems(name, default_llm):
     outputs = llm.chat([[{"role": "user", "content": p.question}] for p in problems], params, use_tqdm=False)
     solved = [p.check(o.text) for p, o in zip(problems, outputs)]
     assert sum(solved) >= required, [(p.question, o.text) for p, o in zip(problems, outputs)]
+
+
+@pytest.mark.parametrize("name", ["llada-8b", "GSAI-ML/LLaDA-8B-Instruct"])
+def test_unknown_model_names_list_the_embedded_ones_and_say_nothing_is_downloaded(name):
+    with pytest.raises(ValueError, match=r"neither a local checkpoint folder nor an embedded model \(.*llada-sudoku"
+                                         r".*never downloads hub ids"):
+        LLM(name)

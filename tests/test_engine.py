@@ -194,8 +194,16 @@ BAD_PARAMS = [
     (dict(gen_length=8.5), "gen_length must be an integer"),
     (dict(remasking="origin", threshold=0.9), "cannot use threshold"),
     (dict(top_k=-2), "top_k must be >= -1"),
+    (dict(alg="entropy", remasking="origin"), "are the same option; they disagree"),
+    (dict(alg="nonsense"), "remasking 'nonsense' is unknown"),
     (dict(top_k=1.5), "top_k must be an integer"),
 ]
+
+
+def test_alg_is_dreams_name_for_remasking():
+    params = SamplingParams(alg="topk_margin")
+    assert params == SamplingParams(remasking="topk_margin") and params.alg is None
+    assert params.replace(remasking="entropy").remasking == "entropy"  # a copy may change it again
 
 
 @pytest.mark.parametrize("kwargs,message", BAD_PARAMS)

@@ -153,7 +153,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "cache_policy": "dual", "tau": 0.3}, None),
     ("/v1/completions", {"prompt": "x", "top_p": 0.9}, None),  # Dream-only option on a LLaDA model
     ("/v1/completions", {"prompt": "x", "top_k": 5}, None),  # likewise; only "off" (0 / -1) is accepted
-    ("/v1/completions", {"prompt": "x", "top_k": -2}, None),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, "top_k"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -5}, "max_tokens"),  # named as sent, not gen_length
+    ("/v1/completions", {"prompt": "x", "gen_length": -5}, "gen_length"),
+    ("/v1/completions", {"prompt": "x", "alg": "nonsense"}, "alg"),
     ("/v1/completions", {"prompt": "x", "sigma": 0}, None),
     ("/v1/completions", {"prompt": "x", "cache_policy": "dllm", "cache_config": {"rho": 2}}, None),
     ("/v1/completions", {"prompt": ""}, None),
@@ -173,6 +176,13 @@ def test_bad_requests_get_400_in_openai_shape_and_the_server_keeps_serving(clien
     if param is not None:
         assert error["param"] == param
     assert client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 8}).status_code == 200
+
+
+def test_errors_name_the_field_the_client_sent(client):
+    error = client.post("/v1/completions", json={"prompt": "x", "max_tokens": -5}).json()["error"]
+    assert error["message"].startswith("max_tokens must be >= 1") and "gen_length" not in error["message"]
+    error = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 24, "block_length": 16}).json()["error"]
+    assert error["param"] == "max_tokens" and error["message"].startswith("max_tokens 24 is not a multiple")
 
 
 def test_models_health_metrics_and_unknown_model(client):

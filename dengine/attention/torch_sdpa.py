@@ -21,12 +21,14 @@ from dengine.forward_batch import AttendFn, ForwardBatch
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """fp32 softmax(q k^T / sqrt(d)) of q [..., heads, n, d] over k [..., kv_heads, s, d], laid out
-    [..., kv_heads, (heads // kv_heads) * n, s]: the query heads sharing a KV head stacked (GQA, one matmul)."""
+    """softmax(q k^T / sqrt(d)) in fp32 (fp64 for fp64 inputs) of q [..., heads, n, d] over k [..., kv_heads,
+    s, d], laid out [..., kv_heads, (heads // kv_heads) * n, s]: the query heads sharing a KV head stacked (GQA,
+    one matmul). fp64 stays fp64 so that a sequence alone computes what SDPA computes for it in a batch."""
     *lead, heads, n, d = q.shape
     kv_heads = k.shape[-3]
     grouped = q.reshape(*lead, kv_heads, (heads // kv_heads) * n, d)
-    return (torch.matmul(grouped, k.transpose(-1, -2)).float() * d**-0.5).softmax(-1)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+    return (scores * d**-0.5).softmax(-1)
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

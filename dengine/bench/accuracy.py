@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dengine.assets import resolve_model
-from dengine.bench.report import run_record
+from dengine.bench.report import QuietCheck, run_record
 from dengine.llm import LLM
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     task = model_task(args.model, args.task)
+    check = QuietCheck()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.batch_size)
     problems = task.held_out(args.n)
     base = SamplingParams(gen_length=args.gen_length or task.gen_length,
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     results = compare(llm, problems, base, [parse_policy(p) for p in args.policies], not args.no_tqdm)
     print(markdown_table(results))
     record = run_record(
-        "python -m dengine.bench.accuracy", argv, model=str(args.model), task=task.name,
+        "python -m dengine.bench.accuracy", argv, check, model=str(args.model), task=task.name,
         sampler={f: getattr(base, f) for f in ("gen_length", "block_length", "steps", "threshold", "stop_at_eos")},
         batch_size=args.batch_size, results=[asdict(r) for r in results],
     )

@@ -18,7 +18,6 @@ commits. Their difference is exactly how stale a cache that skipped step s + 1's
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from dengine.assets import resolve_model
 from dengine.bench.accuracy import add_task_arguments, model_task
 from dengine.bench.policies import sampler_params
-from dengine.bench.report import figure, run_record, write_report
+from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.decoding import StepOutcome
 from dengine.engine import LLMEngine
 from dengine.kv.policies.none import NoCache
@@ -243,7 +242,7 @@ def markdown(report: DriftReport) -> str:
 def plot(report: DriftReport, title: str, path: Path) -> None:
     """Left: drift against the max entropy of the step's commits. Right: a token's drift against steps since
     its commit."""
-    with figure(path, ncols=2, figsize=(11, 4.2)) as (fig, (left, right)):
+    with figure(path, title, ncols=2, figsize=(11, 4.2)) as (_, (left, right)):
         x = [max(p["max_entropy"], 1e-8) for p in report.points]  # log axis: entropies below 1e-8 drawn at it
         left.scatter(x, [p["drift"] for p in report.points], s=6, alpha=0.35, label="all positions")
         left.scatter(x, [p["drift_others"] for p in report.points], s=6, alpha=0.35, label="not committed at s")
@@ -264,7 +263,6 @@ def plot(report: DriftReport, title: str, path: Path) -> None:
         right.set_ylabel("relative drift of its own K/V per step")
         right.set_title("volatility persists after unmasking", fontsize=10)
         right.legend(fontsize=8)
-        fig.suptitle(title, fontsize=10)
 
 
 def main(argv: list[str] | None = None) -> DriftReport:
@@ -281,6 +279,7 @@ def main(argv: list[str] | None = None) -> DriftReport:
     task = model_task(args.model, args.task)
     sampler = args.sampler or task.sampler
     params = sampler_params(sampler, args.gen_length or task.gen_length, args.block_length or task.block_length)
+    check = QuietCheck()
     engine = LLMEngine(resolve_model(args.model), dtype=args.dtype, cache_policy="none", max_num_seqs=1)
     problems = task.held_out(args.n)
     trajectories, prompt_lengths = [], []
@@ -291,9 +290,9 @@ def main(argv: list[str] | None = None) -> DriftReport:
     report = summarise(trajectories, prompt_lengths)
     text = markdown(report)
     print(text)
-    record = run_record("dengine bench drift", argv, model=str(args.model), task=task.name, sampler=sampler,
+    record = run_record("dengine bench drift", argv, check, model=str(args.model), task=task.name, sampler=sampler,
                         **{k: v for k, v in asdict(report).items()})
-    title = f"{args.model} on {task.name}, {sampler}, exact decoding ({record['machine']}, {record['date']})"
+    title = plot_title(record, f"{args.model} on {task.name}, {sampler}, exact decoding")
     write_report(args.out, record, text, (lambda path: plot(report, title, path)) if args.plot else None)
     return report
 

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dengine.bench.accuracy import PolicyResult, add_task_arguments, compare, markdown_table, model_task, parse_policy
-from dengine.bench.report import figure, run_record, write_report
+from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.llm import LLM
 from dengine.sampling_params import SamplingParams
 
@@ -41,10 +41,10 @@ def table(rows: list[dict]) -> str:
     return markdown_table([row["result"] for row in rows], leading)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str | None = None) -> None:
     """Accuracy against speedup, one point per run: one marker per policy (with its options), one colour per
     sampler and batch size; the legend beside the axes."""
-    with figure(path, figsize=(10, 4.5)) as (_, ax):
+    with figure(path, title, figsize=(10, 4.5)) as (_, ax):
         markers: dict[str, str] = {}
         colours: dict[str, str] = {}
         for row in rows:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if any(b < 1 for b in args.batch_sizes):
         parser.error("batch sizes must be positive")
 
-    rows, tasks = [], {}
+    rows, tasks, check = [], {}, QuietCheck()
     for model in args.models:
         task = model_task(model, args.task)
         tasks[str(model)] = task.name
@@ -95,10 +95,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     rows.append({"model": str(model), "sampler": spec, "batch_size": batch_size, "result": result})
     markdown = table(rows)
     print(markdown)
-    record = run_record("python -m dengine.bench.policies", argv, n=args.n, tasks=tasks, gen_length=args.gen_length,
+    record = run_record("python -m dengine.bench.policies", argv, check, n=args.n, tasks=tasks, gen_length=args.gen_length,
                         block_length=args.block_length,
                         rows=[{k: v for k, v in row.items() if k != "result"} | asdict(row["result"]) for row in rows])
-    write_report(args.out, record, markdown, (lambda path: plot(rows, path)) if args.plot else None)
+    what = "accuracy against speedup: " + ", ".join(f"{model} ({task})" for model, task in tasks.items())
+    write_report(args.out, record, markdown,
+                 (lambda path: plot(rows, path, plot_title(record, what))) if args.plot else None)
     return rows
 
 

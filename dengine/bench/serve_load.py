@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 import httpx
 from tqdm.auto import tqdm
 
-from dengine.bench.report import figure, run_record, write_report
+from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.assets import EMBEDDED_MODELS
 from dengine.tasks import get_task, task_of_model
 
@@ -176,9 +176,9 @@ def table(results: list[LoadResult]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[LoadResult], path: Path) -> None:
+def plot(results: list[LoadResult], path: Path, title: str | None = None) -> None:
     loads = [r.load for r in results]
-    with figure(path, ncols=2, figsize=(10, 4)) as (_, (left, right)):
+    with figure(path, title, ncols=2, figsize=(10, 4)) as (_, (left, right)):
         left.plot(loads, [r.output_tokens_per_s for r in results], marker="o")
         left.set_ylabel("output tokens/s")
         for q in ("p50", "p90", "p99"):
@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         points = [("concurrency", c) for c in (args.sweep_concurrency or [args.concurrency or 1])]
     if any(load <= 0 for _, load in points):
         parser.error("rates and concurrencies must be positive")
+    check = QuietCheck()
     results = [asyncio.run(run_load(url, bodies, mode, load, args.max_seconds, args.seed, not args.no_tqdm))
                for mode, load in points]
     markdown = table(results)
@@ -238,9 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
         markdown += (f"\n\nsaturation knee: {saturation.mode} {saturation.load:g} "
                      f"({saturation.output_tokens_per_s:.1f} output tokens/s, 90% of the sweep's best)")
     print(markdown)
-    record = run_record("python -m dengine.bench.serve_load", argv, model=model, task=task.name, results=[asdict(r) for r in results],
+    record = run_record("python -m dengine.bench.serve_load", argv, check, model=model, task=task.name, results=[asdict(r) for r in results],
                         knee=None if saturation is None else asdict(saturation))
-    write_report(args.out, record, markdown, (lambda path: plot(results, path)) if args.plot else None)
+    what = f"{model} served at {url}: load against throughput and latency"
+    write_report(args.out, record, markdown,
+                 (lambda path: plot(results, path, plot_title(record, what))) if args.plot else None)
     return record
 
 

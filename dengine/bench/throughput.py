@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dengine.assets import resolve_model
 from dengine.bench.accuracy import output_stats, parse_policy
 from dengine.bench.policies import sampler_params
-from dengine.bench.report import figure, run_record, write_report
+from dengine.bench.report import QuietCheck, figure, measured_peak_flops, plot_title, run_record, write_report
 from dengine.config import ModelConfig
 from dengine.llm import LLM, chat_prompt
 from dengine.tasks import TASK_FILE, Task, task_of_model
@@ -50,21 +50,6 @@ class ThroughputResult:
     peak_kv_usage: float  # largest fraction of the KV pool in use
     model_tflops: float  # achieved
     mfu: float  # achieved / measured peak
-
-
-def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul in dtype on device: the machine's practical peak for MFU."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    torch.matmul(a, b)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.matmul(a, b)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 def flops_per_query_token(config: ModelConfig, canvas_tokens: int) -> float:
@@ -143,8 +128,8 @@ def ratio_table(pairs: list[tuple[ThroughputResult, ThroughputResult]]) -> str:
     return "\n".join(lines)
 
 
-def plot(pairs: list[tuple[ThroughputResult, ThroughputResult]], path: Path) -> None:
-    with figure(path, figsize=(6, 4)) as (_, ax):
+def plot(pairs: list[tuple[ThroughputResult, ThroughputResult]], path: Path, title: str | None = None) -> None:
+    with figure(path, title, figsize=(6, 4)) as (_, ax):
         for policy in dict.fromkeys(b.policy for b, _ in pairs):
             chosen = [(b, s) for b, s in pairs if b.policy == policy]
             xs = [b.max_num_seqs for b, _ in chosen]
@@ -189,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     task = task if args.prompt_source == "task" else None
     policies = [parse_policy(p) for p in args.policies]
     dtype = next(llm.engine.model.parameters()).dtype
+    check = QuietCheck()
     peak = measured_peak_flops(llm.engine.device, dtype)
     use_tqdm = not args.no_tqdm
     results, pairs = [], []
@@ -206,9 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
     markdown = table(results) + ("\n\n" + ratio_table(pairs) if pairs else "")
     print(markdown)
     print(f"\nmeasured peak: {peak / 1e12:.2f} TFLOP/s ({dtype}, one 2048^3 matmul)")
-    record = run_record("python -m dengine.bench.throughput", argv, peak_tflops=peak / 1e12,
+    record = run_record("python -m dengine.bench.throughput", argv, check, peak_tflops=peak / 1e12,
                         results=[asdict(r) for r in results])
-    write_report(args.out, record, markdown, (lambda path: plot(pairs, path)) if args.plot and pairs else None)
+    what = f"{args.model}: batched against one at a time"
+    write_report(args.out, record, markdown,
+                 (lambda path: plot(pairs, path, plot_title(record, what))) if args.plot and pairs else None)
     return record
 
 

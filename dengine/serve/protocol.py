@@ -103,7 +103,18 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         try:
             return defaults.replace(**changes)
         except (ValueError, TypeError) as exc:
-            raise RequestError(str(exc)) from None
+            raise self.field_error(str(exc)) from None
+
+    def field_error(self, message: str) -> RequestError:
+        """A SamplingParams error in the request's own words: named after the field the client sent (max_tokens
+        rather than gen_length, alg rather than remasking), that field as the error's param."""
+        field = message.split(" ", 1)[0]
+        sent_as = {"gen_length": "gen_length" if self.gen_length is not None else "max_tokens",
+                   "remasking": "alg" if self.remasking is None and self.alg is not None else "remasking"}
+        name = sent_as.get(field, field)
+        if name not in self.__struct_fields__:
+            return RequestError(message)
+        return RequestError(name + message[len(field):], param=name)
 
 
 class CompletionRequest(DiffusionFields, kw_only=True, forbid_unknown_fields=True):

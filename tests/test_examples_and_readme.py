@@ -1,0 +1,54 @@
+"""The README's Python blocks and the examples run as written against the embedded models."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from dengine import LLMEngine, SamplingParams
+from dengine.async_engine import AsyncLLMEngine
+from dengine.serve.server import OpenAIServer, create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+NEEDS = "# needs:"  # a block starting with this line needs what it names (a real checkpoint folder)
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_readme_python_blocks_run_on_the_embedded_models(capsys):
+    blocks = python_blocks(ROOT / "README.md")
+    runnable = [b for b in blocks if not b.startswith(NEEDS)]
+    assert len(runnable) >= 2, "the README shows the offline API on the embedded models"
+    for block in runnable:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102 - the point of the test
+    printed = capsys.readouterr().out
+    assert "Traceback" not in printed and "(right)" in printed and "(wrong)" not in printed
+
+
+def test_readme_blocks_that_need_a_real_checkpoint_say_so():
+    for block in python_blocks(ROOT / "README.md"):
+        if "/models/" in block:
+            assert block.startswith(NEEDS), block
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_openai_client_example_gets_right_answers_from_the_embedded_model(capsys):
+    engine = LLMEngine(ROOT / "dengine" / "assets" / "llada-sudoku", dtype="float32", kv_cache_memory=1 << 26,
+                       block_size=8)
+    server = OpenAIServer(AsyncLLMEngine(engine), "llada-sudoku", SamplingParams(gen_length=24))
+    with TestClient(create_app(server)) as client:
+        _load_example("openai_client").main(["--base-url", "http://testserver/v1"], http_client=client)
+    printed = capsys.readouterr().out
+    assert "llada-sudoku was trained on sudoku4" in printed
+    assert printed.count("(right)") >= 6 and printed.count("(wrong)") <= 1, printed
