@@ -27,7 +27,8 @@ def _llm(folder, policy="none", **kwargs):
 
 
 def _prompt(seed, n=7):
-    return {"prompt_token_ids": [random.Random(seed).randrange(300) for _ in range(n)]}
+    rng = random.Random(seed)  # one generator per prompt: n different tokens, not n copies of one
+    return {"prompt_token_ids": [rng.randrange(300) for _ in range(n)]}
 
 
 def _sampler(family, sampler):

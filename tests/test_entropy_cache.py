@@ -40,7 +40,8 @@ SAMPLERS = [
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=["one-per-step", "threshold"])
 def test_tau_zero_recomputes_every_step_and_equals_none(folders, family, sampler, seed):
-    prompt = {"prompt_token_ids": [random.Random(seed).randrange(300) for _ in range(7)]}
+    rng = random.Random(seed)
+    prompt = {"prompt_token_ids": [rng.randrange(300) for _ in range(7)]}
     if family == "dream":
         sampler = {**sampler, "remasking": "maskgit_plus"}
     exact = _llm(folders[family], "none").generate(prompt, SamplingParams(**sampler), use_tqdm=False)[0]
