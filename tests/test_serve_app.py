@@ -129,7 +129,7 @@ def test_dream_top_k_through_the_server_equals_offline(chat_folders, top_k):
     with TestClient(create_app(server)) as c:
         response = c.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
-    params = SamplingParams(gen_length=16, remasking="entropy", top_k=top_k)
+    params = DEFAULTS.replace(gen_length=16, remasking="entropy", top_k=top_k)  # the server's block_length 8 too
     expected = LLM(chat_folders["dream"], dtype="float32").generate("Add: a3 b4", params, use_tqdm=False)[0]
     assert response.json()["choices"][0]["text"] == expected.text
 
