@@ -1,8 +1,12 @@
-"""Decode a batch of prompts with dengine's offline API.
+"""Decode a batch of chats with dengine's offline API.
 
-    python examples/offline_batch.py CHECKPOINT_FOLDER [--policy dual] [--threshold 0.9] [--gen-length 128]
+    python examples/offline_batch.py                                   # the embedded llada-sudoku, its task
+    python examples/offline_batch.py dream-reverse --policy entropy    # another embedded model
+    python examples/offline_batch.py /models/LLaDA-8B-Instruct --policy dual --threshold 0.9 --gen-length 256
 
-Text prompts need a tokenizer in the folder; chat-style prompts go through its chat template.
+An embedded model is asked held-out problems of the task it was trained on (its folder's task.json) and each
+answer is checked; a real checkpoint folder gets a few general questions (it needs a tokenizer and a chat
+template in the folder).
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import argparse
 
 from dengine import LLM, SamplingParams
+from dengine.assets import DEFAULT_MODEL, EMBEDDED_MODELS
+from dengine.tasks import task_of_model
 
-PROMPTS = [
+GENERAL = [
     "What is 17 + 25?",
     "Write one sentence about the sea.",
     "List three prime numbers.",
@@ -19,24 +25,29 @@ PROMPTS = [
 ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="local checkpoint folder (LLaDA or Dream format)")
-    parser.add_argument("--policy", default="none", help="cache policy: none, prefix, dual, ...")
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="embedded model name or checkpoint folder")
+    parser.add_argument("--policy", default="entropy", help="cache policy: none, prefix, dual, entropy, ...")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--gen-length", type=int, default=None, help="default: the task's, or 128")
+    parser.add_argument("--block-length", type=int, default=None, help="default: the task's, or 32")
     parser.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding threshold")
-    args = parser.parse_args()
+    parser.add_argument("--n", type=int, default=6, help="problems asked an embedded model")
+    args = parser.parse_args(argv)
 
+    task = task_of_model(EMBEDDED_MODELS[args.model]) if args.model in EMBEDDED_MODELS else None
+    problems = task.held_out(args.n) if task else [None] * len(GENERAL)
+    questions = [p.question for p in problems] if task else GENERAL
     llm = LLM(args.model, dtype=args.dtype, cache_policy=args.policy)
-    params = SamplingParams(gen_length=args.gen_length, block_length=args.block_length, threshold=args.threshold,
-                            stop_at_eos=True)
-    conversations = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
-    outputs = llm.chat(conversations, params)
-    for prompt, output in zip(PROMPTS, outputs):
+    params = SamplingParams(gen_length=args.gen_length or (task.gen_length if task else 128),
+                            block_length=args.block_length or (task.block_length if task else 32),
+                            threshold=args.threshold, stop_at_eos=True)
+    outputs = llm.chat([[{"role": "user", "content": q}] for q in questions], params)
+    for question, problem, output in zip(questions, problems, outputs):
         m = output.metrics
-        print(f"> {prompt}\n{output.text!r}\n  [{m.nfe} forwards, {m.full_recomputes} full, "
+        verdict = "" if problem is None else ("  (right)" if problem.check(output.text) else "  (wrong)")
+        print(f"> {question}\n{output.text!r}{verdict}\n  [{m.nfe} forwards, {m.full_recomputes} full, "
               f"{m.tokens_per_forward:.2f} tokens/forward, {m.avg_query_tokens:.0f} query tokens/forward, "
               f"{m.latency_s:.2f} s]")
 

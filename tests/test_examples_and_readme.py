@@ -52,3 +52,9 @@ def test_openai_client_example_gets_right_answers_from_the_embedded_model(capsys
     printed = capsys.readouterr().out
     assert "llada-sudoku was trained on sudoku4" in printed
     assert printed.count("(right)") >= 6 and printed.count("(wrong)") <= 1, printed
+
+
+def test_offline_batch_example_asks_an_embedded_model_its_task(capsys):
+    _load_example("offline_batch").main(["--n", "4", "--dtype", "float32"])
+    printed = capsys.readouterr().out
+    assert printed.count("Complete the sudoku") == 4 and printed.count("(right)") >= 3, printed
