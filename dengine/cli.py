@@ -26,10 +26,9 @@ def _serve(args: argparse.Namespace) -> None:
     from dengine.serve.deployment import build_app
 
     from dengine.assets import resolve_model
-    from dengine.tasks import TASK_FILE, task_of_model
+    from dengine.tasks import task_of_folder
 
-    folder = resolve_model(args.model)
-    task = task_of_model(folder) if (folder / TASK_FILE).is_file() else None
+    task = task_of_folder(resolve_model(args.model))
     defaults = {"gen_length": args.gen_length or (task.gen_length if task else 128),
                 "block_length": args.block_length or (task.block_length if task else 32)}
     engine_kwargs = {"dtype": args.dtype, "cache_policy": args.cache_policy, "max_num_seqs": args.max_num_seqs}

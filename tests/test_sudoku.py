@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dengine.assets import EMBEDDED_MODELS
-from dengine.tasks import TASKS, SudokuGenerator, SudokuProblem, SudokuShape, get_task, task_of_model
+from dengine.tasks import TASKS, SudokuGenerator, SudokuProblem, SudokuShape, get_task, task_of_folder, task_of_model
 
 SUDOKU = get_task("sudoku4")
 seeds = st.integers(0, 2**32 - 1)
@@ -136,5 +136,6 @@ def test_registry_resolves_every_embedded_model(tmp_path):
         assert name.endswith({"digit-reversal": "reverse", "sudoku4": "sudoku"}[task.name])
     with pytest.raises(ValueError, match="names no task"):
         task_of_model(tmp_path)
+    assert task_of_folder(tmp_path) is None and task_of_folder(EMBEDDED_MODELS["dream-sudoku"]).name == "sudoku4"
     with pytest.raises(ValueError, match="unknown task 'chess'.*sudoku4"):
         get_task("chess")

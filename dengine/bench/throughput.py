@@ -29,7 +29,7 @@ from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, figure, measured_peak_flops, plot_title, run_record, write_report
 from dengine.config import ModelConfig
 from dengine.llm import LLM, chat_prompt
-from dengine.tasks import TASK_FILE, Task, task_of_model
+from dengine.tasks import Task, task_of_folder
 
 
 @dataclass
@@ -165,10 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max([args.max_num_seqs, *(args.concurrency or [])]))
-    folder = resolve_model(args.model)
-    task = task_of_model(folder) if (folder / TASK_FILE).is_file() else None
+    task = task_of_folder(resolve_model(args.model))
     if task is None and args.prompt_source == "task":
-        parser.error(f"{args.model} names no task ({TASK_FILE}): use --prompt-source random")
+        parser.error(f"{args.model} names no task (no task.json): use --prompt-source random")
     base = sampler_params(args.sampler, args.gen_length or (task.gen_length if task else 128),
                           args.block_length or (task.block_length if task else 32))
     task = task if args.prompt_source == "task" else None

@@ -104,9 +104,15 @@ def task_of_model(folder: str | Path) -> Task:
     return get_task(json.loads(path.read_text())["task"])
 
 
+def task_of_folder(folder: str | Path) -> Task | None:
+    """The task a checkpoint folder names, or None for a folder without task.json (a real checkpoint)."""
+    return task_of_model(folder) if (Path(folder) / TASK_FILE).is_file() else None
+
+
 def write_task_file(folder: Path, task: Task) -> None:
     (folder / TASK_FILE).write_text(json.dumps({"task": task.name}, indent=2) + "\n")
 
 
 __all__ = ["TASKS", "Problem", "ReversalProblem", "SudokuGenerator", "SudokuProblem", "SudokuShape", "Task",
-           "check_answer", "generate_problems", "get_task", "split_problems", "task_of_model", "write_task_file"]
+           "check_answer", "generate_problems", "get_task", "split_problems", "task_of_folder", "task_of_model",
+           "write_task_file"]
