@@ -109,6 +109,8 @@ class LLMEngine:
             raise ValueError(f"a prompt is a string or a dict, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("the prompt is empty")
+        if all(i == self.config.mask_token_id for i in ids):
+            raise ValueError("the prompt has no real token: it is only mask tokens")
         return text, ids
 
     def make_sequence(

@@ -18,6 +18,10 @@ DREAM_ONLY = {"top_p": None, "top_k": None, "alg_temp": None, "eps": None}
 # sets top_k: its generation config inherits top_k = 50 from the model config (see docs/sampling.md).
 DREAM_DEFAULT_TOP_K = 50
 TOP_K_OFF = (0, -1)  # vLLM's convention: no top-k filter
+# Bounds that keep one request's work and arithmetic sane: beyond them a value only wastes forwards or overflows.
+MAX_TEMPERATURE = 100.0
+MAX_CFG_SCALE = 100.0
+MAX_SEED = 2**63 - 1
 LLADA_ONLY = {"cfg_scale": 0.0, "logits_eos_inf": False, "confidence_eos_eot_inf": False}
 
 
@@ -57,10 +61,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"gen_length {self.gen_length} is not a multiple of block_length {block}")
         steps = self.gen_length if self.steps is None else self.steps
         _check_int("steps", steps, minimum=1)
+        if steps > self.gen_length:
+            raise ValueError(f"steps {steps} exceeds gen_length {self.gen_length}: a step past one token per "
+                             "step commits nothing")
         num_blocks = self.gen_length // block
         if steps % num_blocks:
             raise ValueError(f"steps {steps} is not divisible by the number of blocks {num_blocks}")
-        _check_float("temperature", self.temperature, low=0.0)
+        _check_float("temperature", self.temperature, low=0.0, high=MAX_TEMPERATURE)
         if self.top_p is not None:
             _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         if self.top_k is not None:
@@ -83,9 +90,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             _check_float("sigma", self.sigma, low=0.0, low_open=True)
             if self.remasking == "origin":
                 raise ValueError("remasking 'origin' commits at random and has no confidence for sigma to weight")
-        _check_float("cfg_scale", self.cfg_scale, low=0.0)
+        _check_float("cfg_scale", self.cfg_scale, low=0.0, high=MAX_CFG_SCALE)
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.cache_config is not None and not isinstance(self.cache_config, dict):
             raise ValueError(f"cache_config must be a dict of policy options, got {type(self.cache_config).__name__}")
 
@@ -133,11 +140,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name} is a {other}-only option and this model is {model_type}")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
 
 
 def _check_float(

@@ -196,6 +196,10 @@ BAD_PARAMS = [
     (dict(top_k=-2), "top_k must be >= -1"),
     (dict(alg="entropy", remasking="origin"), "are the same option; they disagree"),
     (dict(alg="nonsense"), "remasking 'nonsense' is unknown"),
+    (dict(gen_length=32, steps=1_000_000_000), "steps 1000000000 exceeds gen_length 32"),
+    (dict(temperature=1e30), "temperature must be <= 100.0"),
+    (dict(cfg_scale=1e308), "cfg_scale must be <= 100.0"),
+    (dict(seed=2**64), "seed must be <= 9223372036854775807"),
     (dict(top_k=1.5), "top_k must be an integer"),
 ]
 
@@ -220,6 +224,7 @@ def test_bad_requests_name_the_prompt_and_lose_nothing(folders):
     good = {"prompt_token_ids": [1, 2, 3]}
     cases = [
         ([good, {"prompt_token_ids": []}], None, "prompt 1: the prompt is empty"),
+        ([good, {"prompt_token_ids": [engine.config.mask_token_id] * 3}], None, "prompt 1: .* only mask tokens"),
         ([good, good, {"prompt_token_ids": [1, 10_000]}], None, "prompt 2: prompt token id 10000 is outside"),
         ([good, "some text"], None, "prompt 1: .* has no tokenizer"),
         ([good], SamplingParams(gen_length=600), "prompt 0: .* exceeds the model's maximum of 512"),

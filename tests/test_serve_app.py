@@ -157,6 +157,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": -5}, "max_tokens"),  # named as sent, not gen_length
     ("/v1/completions", {"prompt": "x", "gen_length": -5}, "gen_length"),
     ("/v1/completions", {"prompt": "x", "alg": "nonsense"}, "alg"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 16, "steps": 1000000000}, "steps"),  # bounded work
+    ("/v1/completions", {"prompt": "x", "temperature": 1e30}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed"),
     ("/v1/completions", {"prompt": "x", "sigma": 0}, None),
     ("/v1/completions", {"prompt": "x", "cache_policy": "dllm", "cache_config": {"rho": 2}}, None),
     ("/v1/completions", {"prompt": ""}, None),
@@ -197,3 +200,12 @@ def test_models_health_metrics_and_unknown_model(client):
                  "dengine_kv_cache_usage", "dengine_full_recompute_rate", "dengine_tokens_per_second"):
         assert name in metrics
     assert 'endpoint="completions",model="tiny",status="400"' in metrics
+
+
+@pytest.mark.parametrize("method, path, status", [("get", "/v1/nowhere", 404), ("get", "/v1/completions", 405),
+                                                  ("delete", "/v1/models", 405)])
+def test_unknown_routes_and_methods_answer_in_openai_shape(client, method, path, status):
+    response = getattr(client, method)(path)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["message"].startswith(f"{method.upper()} {path}") and error["type"] and "detail" not in response.json()

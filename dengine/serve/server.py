@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import Response, StreamingResponse
 
 from dengine.async_engine import AsyncLLMEngine, StreamChunk
@@ -169,6 +170,15 @@ def _event(message: msgspec.Struct) -> bytes:
 def create_app(server: OpenAIServer) -> FastAPI:
     """The FastAPI app of one server; every refused request gets OpenAI's error shape."""
     app = FastAPI(title="dengine", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Unknown routes (404) and wrong methods (405) in OpenAI's error shape too."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        error = p.RequestError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
+                               kind=kind)
+        return Response(p.error_body(error), status_code=exc.status_code, media_type=JSON,
+                        headers=getattr(exc, "headers", None))
 
     async def guarded(endpoint: str, handler, request: Request) -> Response:
         try:
