@@ -3,7 +3,8 @@
     python benchmarks/calibrate_entropy.py --model llada-sudoku --n 200 --samplers one-token threshold:0.9 \\
         --out docs/bench/calib-llada-sudoku --plot
 
-    python benchmarks/calibrate_entropy.py --combine docs/bench/calib-llada-sudoku.json docs/bench/calib-dream-sudoku.json
+    python benchmarks/calibrate_entropy.py --combine docs/bench/calib-llada-sudoku.json \
+        docs/bench/calib-dream-sudoku.json
 
 For each sampler, runs policy "none", the published policies at their published settings (--baselines) and
 every (tau, k) of the grid on the same problems in one process, prints the table (accuracy, NFE, full
@@ -29,6 +30,7 @@ from dengine.bench.accuracy import PolicyResult, add_task_arguments, compare, ma
 from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.llm import LLM
+from dengine.tasks import generation_lengths
 
 NEVER = 1e9  # a tau no entropy reaches: never refresh after step 0
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, PolicyResult | None] | dict
     policies = [("none", None), *(parse_policy(p) for p in args.baselines), *grid]
     runs, best, sections = {}, {}, []
     for sampler in args.samplers:
-        base = sampler_params(sampler, args.gen_length or task.gen_length, args.block_length or task.block_length)
+        base = sampler_params(sampler, *generation_lengths(task, args.gen_length, args.block_length))
         results = compare(llm, problems, base, policies, use_tqdm=not args.no_tqdm)
         chosen = best_setting(results, args.tolerance / 100)
         runs[sampler], best[sampler] = results, chosen

@@ -26,11 +26,11 @@ def _serve(args: argparse.Namespace) -> None:
     from dengine.serve.deployment import build_app
 
     from dengine.assets import resolve_model
-    from dengine.tasks import task_of_folder
+    from dengine.tasks import generation_lengths, task_of_folder
 
-    task = task_of_folder(resolve_model(args.model))
-    defaults = {"gen_length": args.gen_length or (task.gen_length if task else 128),
-                "block_length": args.block_length or (task.block_length if task else 32)}
+    gen_length, block_length = generation_lengths(task_of_folder(resolve_model(args.model)), args.gen_length,
+                                                  args.block_length)
+    defaults = {"gen_length": gen_length, "block_length": block_length}
     engine_kwargs = {"dtype": args.dtype, "cache_policy": args.cache_policy, "max_num_seqs": args.max_num_seqs}
     if args.cache_config:
         engine_kwargs["cache_config"] = json.loads(args.cache_config)

@@ -52,7 +52,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.alg is not None:
             if self.remasking not in ("low_confidence", self.alg):
-                raise ValueError(f"remasking {self.remasking!r} and alg {self.alg!r} are the same option; they disagree")
+                raise ValueError(f"remasking {self.remasking!r} and alg {self.alg!r} are the same option; "
+                                 "they disagree")
             self.remasking, self.alg = self.alg, None
         _check_int("gen_length", self.gen_length, minimum=1)
         block = self.gen_length if self.block_length is None else self.block_length

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None, http_client=None) -> None:
             model=model, messages=messages, max_tokens=max_tokens, stream=True,
             extra_body={"block_length": block, "threshold": 0.9},
         )
-        blocks = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+        blocks = [chunk.choices[0].delta.content for chunk in stream
+                  if chunk.choices and chunk.choices[0].delta.content]
         print(f"  streamed, one event per decoded block: {blocks}")
         show("  streamed text (threshold 0.9)", problem, "".join(blocks))
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dengine.assets import EMBEDDED_MODELS
-from dengine.tasks import TASKS, SudokuGenerator, SudokuProblem, SudokuShape, get_task, task_of_folder, task_of_model
+from dengine.tasks import (TASKS, SudokuGenerator, SudokuProblem, SudokuShape, generation_lengths, get_task,
+                           task_of_folder, task_of_model)
 
 SUDOKU = get_task("sudoku4")
 seeds = st.integers(0, 2**32 - 1)
@@ -30,7 +31,8 @@ def _relabelled(problem: SudokuProblem, grid: tuple[int, ...]) -> tuple[int, ...
 @given(seeds)
 def test_the_checker_accepts_every_generated_solution(seed):
     problem = _problem(seed)
-    assert problem.check(problem.answer) and problem.check(problem.answer + "\n") and problem.check(" " + problem.answer)
+    assert problem.check(problem.answer) and problem.check(problem.answer + "\n")
+    assert problem.check(" " + problem.answer)
     assert problem.num_solutions() >= 1
     n = problem.shape.size
     assert problem.question.startswith("Complete the sudoku ") and len(problem.answer) == n * n + n - 1
@@ -137,5 +139,7 @@ def test_registry_resolves_every_embedded_model(tmp_path):
     with pytest.raises(ValueError, match="names no task"):
         task_of_model(tmp_path)
     assert task_of_folder(tmp_path) is None and task_of_folder(EMBEDDED_MODELS["dream-sudoku"]).name == "sudoku4"
+    assert generation_lengths(SUDOKU) == (24, 24) and generation_lengths(SUDOKU, 48) == (48, 24)
+    assert generation_lengths(None) == (128, 32) and generation_lengths(None, None, 16) == (128, 16)
     with pytest.raises(ValueError, match="unknown task 'chess'.*sudoku4"):
         get_task("chess")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from dengine import load_model, load_tokenizer
 from dengine.models import MODEL_FAMILIES
-from dengine.tasks import ReversalProblem, check_answer, generate_problems, get_task, split_problems
+from dengine.tasks import ReversalProblem, check_answer, get_task
 from dengine.tasks.digit_reversal import NUM_DIGITS
 from dengine.training import train
 from dengine.training.tokenizer import specials_for, write_tokenizer
@@ -61,11 +61,16 @@ def test_bad_digits_are_refused(bad):
         ReversalProblem(bad)
 
 
+REVERSAL = get_task("digit-reversal")
+
+
 def test_splits_are_seeded_and_disjoint():
-    train, held_out = split_problems(2000, 500)
-    assert held_out == split_problems(10, 500)[1], "the held-out split does not depend on the training size"
+    held_out = REVERSAL.held_out(500)
+    assert REVERSAL.held_out(10) == held_out[:10], "the held-out split is a prefix of any larger one"
+    stream = REVERSAL.training_stream(seed=0, held_out=500)
+    train = [next(stream) for _ in range(2000)]
     assert not {p.digits for p in train} & {p.digits for p in held_out}
-    assert generate_problems(20, 3) == generate_problems(20, 3) != generate_problems(20, 4)
+    assert REVERSAL.generate(20, 3) == REVERSAL.generate(20, 3) != REVERSAL.generate(20, 4)
     lengths = [len(p.answer) + 1 for p in held_out]  # + end of turn, one token per character
     assert sum(lengths) / len(lengths) >= 48
 
@@ -74,7 +79,7 @@ def test_splits_are_seeded_and_disjoint():
 def test_embedded_tokenizer_round_trips_task_text(tmp_path, family):
     ids = write_tokenizer(tmp_path, family)
     tokenizer = load_tokenizer(tmp_path)
-    for problem in generate_problems(50, 1):
+    for problem in REVERSAL.generate(50, 1):
         for text in (problem.question, problem.answer):
             encoded = tokenizer.encode(text, add_special_tokens=False)
             assert len(encoded) == len(text) and tokenizer.decode(encoded) == text

@@ -22,7 +22,7 @@ from dengine.bench.report import QuietCheck, run_record
 from dengine.llm import LLM
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
-from dengine.tasks import Problem, Task, get_task, task_of_model
+from dengine.tasks import Problem, Task, generation_lengths, get_task, task_of_model
 
 
 @dataclass
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     check = QuietCheck()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.batch_size)
     problems = task.held_out(args.n)
-    base = SamplingParams(gen_length=args.gen_length or task.gen_length,
-                          block_length=args.block_length or task.block_length, steps=args.steps,
+    gen_length, block_length = generation_lengths(task, args.gen_length, args.block_length)
+    base = SamplingParams(gen_length=gen_length, block_length=block_length, steps=args.steps,
                           threshold=args.threshold, stop_at_eos=args.stop_at_eos)
     results = compare(llm, problems, base, [parse_policy(p) for p in args.policies], not args.no_tqdm)
     print(markdown_table(results))

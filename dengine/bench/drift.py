@@ -34,6 +34,7 @@ from dengine.engine import LLMEngine
 from dengine.kv.policies.none import NoCache
 from dengine.llm import chat_prompt
 from dengine.sampling_params import SamplingParams
+from dengine.tasks import generation_lengths
 
 MAX_LAG = 16
 SIGNALS = ("max_entropy", "mean_entropy", "max_one_minus_confidence", "num_commits")
@@ -234,7 +235,8 @@ def markdown(report: DriftReport) -> str:
               "|---|" + "---|" * len(report.layer_drift),
               "| mean drift per step | " + " | ".join(f"{d:.4f}" for d in report.layer_drift) + " |", "",
               f"Committed tokens' own K/V drift d steps after their commit (for comparison, per step: prompt "
-              f"positions {report.prompt_drift:.4f}, still-masked positions {report.masked_drift:.4f}):", "", "| d | tokens | mean | median |", "|---|---|---|---|"]
+              f"positions {report.prompt_drift:.4f}, still-masked positions {report.masked_drift:.4f}):", "",
+              "| d | tokens | mean | median |", "|---|---|---|---|"]
     lines += [f"| {row['lag']} | {row['count']} | {row['mean']:.4f} | {row['median']:.4f} |" for row in report.lags]
     return "\n".join(lines)
 
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> DriftReport:
     args = parser.parse_args(argv)
     task = model_task(args.model, args.task)
     sampler = args.sampler or task.sampler
-    params = sampler_params(sampler, args.gen_length or task.gen_length, args.block_length or task.block_length)
+    params = sampler_params(sampler, *generation_lengths(task, args.gen_length, args.block_length))
     check = QuietCheck()
     engine = LLMEngine(resolve_model(args.model), dtype=args.dtype, cache_policy="none", max_num_seqs=1)
     problems = task.held_out(args.n)

@@ -22,6 +22,7 @@ from dengine.bench.accuracy import PolicyResult, add_task_arguments, compare, ma
 from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.llm import LLM
 from dengine.sampling_params import SamplingParams
+from dengine.tasks import generation_lengths
 
 
 def sampler_params(spec: str, gen_length: int, block_length: int) -> SamplingParams:
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         task = model_task(model, args.task)
         tasks[str(model)] = task.name
         problems = task.held_out(args.n)
-        gen_length, block_length = args.gen_length or task.gen_length, args.block_length or task.block_length
-        samplers = [(spec, sampler_params(spec, gen_length, block_length)) for spec in args.samplers]
+        lengths = generation_lengths(task, args.gen_length, args.block_length)
+        samplers = [(spec, sampler_params(spec, *lengths)) for spec in args.samplers]
         llm = LLM(model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes))
         for spec, params in samplers:
             for batch_size in args.batch_sizes:
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     rows.append({"model": str(model), "sampler": spec, "batch_size": batch_size, "result": result})
     markdown = table(rows)
     print(markdown)
-    record = run_record("python -m dengine.bench.policies", argv, check, n=args.n, tasks=tasks, gen_length=args.gen_length,
+    record = run_record("python -m dengine.bench.policies", argv, check, n=args.n, tasks=tasks,
+                        gen_length=args.gen_length,
                         block_length=args.block_length,
                         rows=[{k: v for k, v in row.items() if k != "result"} | asdict(row["result"]) for row in rows])
     what = "accuracy against speedup: " + ", ".join(f"{model} ({task})" for model, task in tasks.items())

@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         task = task_of_model(EMBEDDED_MODELS[model]) if model in EMBEDDED_MODELS else get_task("digit-reversal")
     problems = task.held_out(args.num_requests)
     extra = json.loads(args.extra) if args.extra else {}
-    bodies = [{"model": model, "messages": [{"role": "user", "content": p.question}], "max_tokens": args.max_tokens or task.gen_length,
+    max_tokens = args.max_tokens or task.gen_length
+    bodies = [{"model": model, "messages": [{"role": "user", "content": p.question}], "max_tokens": max_tokens,
                "stream": True, "stream_options": {"include_usage": True}, **extra} for p in problems]
     if args.sweep_rates or args.rate:
         points = [("rate", r) for r in (args.sweep_rates or [args.rate])]
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         markdown += (f"\n\nsaturation knee: {saturation.mode} {saturation.load:g} "
                      f"({saturation.output_tokens_per_s:.1f} output tokens/s, 90% of the sweep's best)")
     print(markdown)
-    record = run_record("python -m dengine.bench.serve_load", argv, check, model=model, task=task.name, results=[asdict(r) for r in results],
+    record = run_record("python -m dengine.bench.serve_load", argv, check, model=model, task=task.name,
+                        results=[asdict(r) for r in results],
                         knee=None if saturation is None else asdict(saturation))
     what = f"{model} served at {url}: load against throughput and latency"
     write_report(args.out, record, markdown,

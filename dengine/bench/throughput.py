@@ -29,7 +29,7 @@ from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, figure, measured_peak_flops, plot_title, run_record, write_report
 from dengine.config import ModelConfig
 from dengine.llm import LLM, chat_prompt
-from dengine.tasks import Task, task_of_folder
+from dengine.tasks import Task, generation_lengths, task_of_folder
 
 
 @dataclass
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     task = task_of_folder(resolve_model(args.model))
     if task is None and args.prompt_source == "task":
         parser.error(f"{args.model} names no task (no task.json): use --prompt-source random")
-    base = sampler_params(args.sampler, args.gen_length or (task.gen_length if task else 128),
-                          args.block_length or (task.block_length if task else 32))
+    base = sampler_params(args.sampler, *generation_lengths(task, args.gen_length, args.block_length))
     task = task if args.prompt_source == "task" else None
     policies = [parse_policy(p) for p in args.policies]
     dtype = next(llm.engine.model.parameters()).dtype

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable, Iterator, Protocol
 
-from dengine.tasks.digit_reversal import (HELD_OUT_SEED, ReversalProblem, check_answer, generate_problems,
-                                         random_problem, split_problems)
+from dengine.tasks.digit_reversal import HELD_OUT_SEED, ReversalProblem, check_answer, random_problem
 from dengine.tasks.sudoku import SudokuGenerator, SudokuProblem, SudokuShape
 
 TASK_FILE = "task.json"
+UNTASKED_LENGTHS = (128, 32)  # gen_length, block_length for a checkpoint that names no task
 
 
 class Problem(Protocol):
@@ -109,10 +109,16 @@ def task_of_folder(folder: str | Path) -> Task | None:
     return task_of_model(folder) if (Path(folder) / TASK_FILE).is_file() else None
 
 
+def generation_lengths(task: Task | None, gen_length: int | None = None,
+                       block_length: int | None = None) -> tuple[int, int]:
+    """gen_length and block_length: the ones given, else the task's, else (no task) 128 and 32."""
+    default_gen, default_block = (task.gen_length, task.block_length) if task else UNTASKED_LENGTHS
+    return gen_length or default_gen, block_length or default_block
+
+
 def write_task_file(folder: Path, task: Task) -> None:
     (folder / TASK_FILE).write_text(json.dumps({"task": task.name}, indent=2) + "\n")
 
 
 __all__ = ["TASKS", "Problem", "ReversalProblem", "SudokuGenerator", "SudokuProblem", "SudokuShape", "Task",
-           "check_answer", "generate_problems", "get_task", "split_problems", "task_of_folder", "task_of_model",
-           "write_task_file"]
+           "check_answer", "generation_lengths", "get_task", "task_of_folder", "task_of_model", "write_task_file"]

@@ -73,18 +73,3 @@ def check_answer(problem: ReversalProblem, text: str) -> bool:
 
 def random_problem(rng: random.Random) -> ReversalProblem:
     return ReversalProblem(tuple(rng.randint(0, 9) for _ in range(NUM_DIGITS)))
-
-
-def generate_problems(count: int, seed: int) -> list[ReversalProblem]:
-    """count problems from a seeded generator: NUM_DIGITS digits, each 0 to 9."""
-    rng = random.Random(seed)
-    return [random_problem(rng) for _ in range(count)]
-
-
-def split_problems(num_train: int, num_held_out: int,
-                   seed: int = 0) -> tuple[list[ReversalProblem], list[ReversalProblem]]:
-    """Train and held-out splits; the held-out split is fixed, training problems never equal one of it."""
-    held_out = generate_problems(num_held_out, HELD_OUT_SEED)
-    excluded = {p.digits for p in held_out}
-    train = [p for p in generate_problems(num_train + num_held_out, seed + 1) if p.digits not in excluded]
-    return train[:num_train], held_out

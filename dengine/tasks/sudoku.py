@@ -30,7 +30,8 @@ class SudokuShape:
 
     def __post_init__(self) -> None:
         if not (1 <= self.box_rows <= 3 and 1 <= self.box_cols <= 3 and self.size >= 2):
-            raise ValueError(f"box shape must be 1..3 x 1..3 with at least 2 cells, got {self.box_rows}x{self.box_cols}")
+            raise ValueError(f"box shape must be 1..3 x 1..3 with at least 2 cells, "
+                             f"got {self.box_rows}x{self.box_cols}")
 
     @property
     def size(self) -> int:
