@@ -15,7 +15,7 @@ import torch
 from dengine.assets import DEFAULT_MODEL, resolve_model
 from dengine.bench.accuracy import compare, markdown_table, model_task
 from dengine.bench.policies import sampler_params
-from dengine.kv.policies.entropy import EntropyOptions
+from dengine.scheduler.policies.entropy import EntropyOptions
 from dengine.llm import LLM
 
 AGGRESSIVE = {"tau": 1e9, "k": 0}  # never refresh, never recompute committed tokens

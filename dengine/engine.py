@@ -13,7 +13,7 @@ import torch
 from dengine.attention import select_backend
 from dengine.kv.kv_cache import PagedKVCache, resolve_memory_budget
 from dengine.kv.manager import KVCacheManager
-from dengine.kv.policies import make_policy, policy_class
+from dengine.scheduler.policies import make_policy, policy_class
 from dengine.model_runner import ModelRunner
 from dengine.models.loader import load_model
 from dengine.outputs import RequestMetrics, RequestOutput

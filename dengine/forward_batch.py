@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
 
 import torch
-
-if TYPE_CHECKING:
-    from dengine.attention.probe import AttentionProbe
-    from dengine.layer_reuse import LayerReuse
-
-# attend(q [N, heads, head_dim], key_cache, value_cache) -> [N, heads, head_dim]
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -34,9 +26,6 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [B, max blocks] int32, rows padded with 0 past a sequence's blocks
     kv_slots: torch.Tensor  # [sum(seq_lens)] flat slot of every key position, sequence after sequence
     block_size: int
-    attend: AttendFn = field(default=None, repr=False)  # type: ignore[assignment]  # set by the backend's plan
-    layer_reuse: LayerReuse | None = field(default=None, repr=False)  # some sequences reuse layer outputs
-    probe: AttentionProbe | None = field(default=None, repr=False)  # some sequences record attention
 
     @property
     def max_query_len(self) -> int:

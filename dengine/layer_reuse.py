@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from dengine.forward_batch import AttendFn
+from dengine.attention.base import AttendFn
 from dengine.kv.kv_cache import PagedKVCache
 
 

@@ -10,6 +10,7 @@ import torch
 from dengine.attention import AttentionBackend, select_backend
 from dengine.attention.probe import AttentionProbe
 from dengine.forward_batch import ForwardBatch
+from dengine.forward_context import ForwardContext
 from dengine.kv.kv_cache import PagedKVCache
 from dengine.layer_reuse import LayerReuse
 from dengine.models.transformer import DiffusionLM
@@ -70,25 +71,38 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = next(model.parameters()).device
         self.backend = backend or select_backend(self.device)
+        self._key_slots: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
 
-    def prepare(self, queries: Sequence[SequenceQuery]) -> ForwardBatch:
+    def key_slots(self, block_table: Sequence[int], length: int) -> torch.Tensor:
+        """The flat cache slot of every position of a canvas of length tokens; validated and built once per
+        block table (a sequence's table never changes while it runs)."""
+        key = (tuple(block_table), length)
+        slots = self._key_slots.get(key)
+        if slots is None:
+            bs = self.kv_cache.block_size
+            table = torch.as_tensor(key[0], dtype=torch.long)
+            if table.numel() * bs < length:
+                raise ValueError(f"a block table of {table.numel()} blocks cannot hold {length} tokens")
+            if table.numel() and not 0 <= int(table.min()) <= int(table.max()) < self.kv_cache.num_blocks:
+                raise ValueError("a block table refers to blocks outside the pool")
+            every_position = torch.arange(length)
+            slots = self._key_slots[key] = table[every_position // bs] * bs + every_position % bs
+        return slots
+
+    def prepare(self, queries: Sequence[SequenceQuery]) -> ForwardContext:
         """Validate the query sets and flatten them (ids, positions, slots, lengths) on the device."""
         if not queries:
             raise ValueError("a forward step needs at least one sequence")
-        bs = self.kv_cache.block_size
-        ids, positions, slots, kv_slots, logit_rows, tables, row_maps = [], [], [], [], [], [], []
+        ids, positions, slots, kv_slots, logit_rows, row_maps = [], [], [], [], [], []
         query_lens, seq_lens = [], []
         row_offset = 0
         for index, query in enumerate(queries):
             canvas = torch.as_tensor(query.token_ids, dtype=torch.long).reshape(-1)
             length = canvas.numel()
-            table = torch.as_tensor(list(query.block_table), dtype=torch.long)
-            if table.numel() * bs < length:
-                raise ValueError(
-                    f"sequence {index}: block table of {table.numel()} blocks cannot hold {length} tokens"
-                )
-            if table.numel() and not 0 <= int(table.min()) <= int(table.max()) < self.kv_cache.num_blocks:
-                raise ValueError(f"sequence {index}: block table refers to blocks outside the pool")
+            try:
+                seq_slots = self.key_slots(query.block_table, length)
+            except ValueError as exc:
+                raise ValueError(f"sequence {index}: {exc}") from None
             pos = _positions_tensor(query.query_positions)
             if pos.numel() == 0 or int(pos.min()) < 0 or int(pos.max()) >= length:
                 raise ValueError(f"sequence {index}: query positions must be non-empty and within [0, {length})")
@@ -100,21 +114,22 @@ class ModelRunner:
             rows = row_of[wanted]
             if bool((rows < 0).any()):
                 raise ValueError(f"sequence {index}: logits requested at positions that are not computed")
-            every_position = torch.arange(length)
             ids.append(canvas[pos])
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            kv_slots.append(table[every_position // bs] * bs + every_position % bs)
+            slots.append(seq_slots[pos])
+            kv_slots.append(seq_slots)
             logit_rows.append(rows + row_offset)
-            tables.append(table)
             row_maps.append(row_of)
             query_lens.append(pos.numel())
             seq_lens.append(length)
             row_offset += pos.numel()
+        # Keep the key slots of the tables in use: the cache never outgrows the running sequences.
+        used = {(tuple(q.block_table), n) for q, n in zip(queries, seq_lens)}
+        self._key_slots = {key: value for key, value in self._key_slots.items() if key in used}
 
-        block_tables = torch.zeros((len(tables), max(t.numel() for t in tables)), dtype=torch.int32)
-        for i, table in enumerate(tables):
-            block_tables[i, : table.numel()] = table
+        width = max(len(q.block_table) for q in queries)
+        block_tables = torch.tensor([[*q.block_table, *[0] * (width - len(q.block_table))] for q in queries],
+                                    dtype=torch.int32)
         to_device = {"device": self.device, "non_blocking": True}
         batch = ForwardBatch(
             input_ids=torch.cat(ids).to(**to_device),
@@ -127,18 +142,18 @@ class ModelRunner:
             cu_seqlens_k=_cumulative(seq_lens).to(**to_device),
             block_tables=block_tables.to(**to_device),
             kv_slots=torch.cat(kv_slots).to(**to_device),
-            block_size=bs,
+            block_size=self.kv_cache.block_size,
         )
-        batch.attend = self.backend.plan(batch)
+        ctx = ForwardContext(batch, self.backend.plan(batch))
         starts = _cumulative(query_lens).tolist()
         if any(q.cached_outputs is not None for q in queries):
-            batch.layer_reuse = self._layer_reuse(batch, queries, starts, slots, row_maps)
+            ctx.layer_reuse = self._layer_reuse(batch, queries, starts, slots, row_maps)
         recorded = [i for i, q in enumerate(queries) if q.record_attention]
         if recorded:
-            batch.probe = AttentionProbe(
+            ctx.probe = AttentionProbe(
                 [(starts[i], query_lens[i], kv_slots[i].to(self.device)) for i in recorded]
             )
-        return batch
+        return ctx
 
     def _layer_reuse(
         self,
@@ -209,18 +224,16 @@ class ModelRunner:
             cu_seqlens_k=_cumulative(seq_lens).to(self.device),
             block_tables=batch.block_tables[keep],
             kv_slots=torch.cat([batch.kv_slots[k_starts[i] : k_starts[i + 1]] for i in keep]),
-            attend=None,
-            layer_reuse=None,
         )
 
     @torch.inference_mode()
     def run(self, queries: Sequence[SequenceQuery]) -> list[torch.Tensor]:
         """One forward over the ragged batch; per sequence, logits [num_logits, vocab] in request order."""
-        batch = self.prepare(queries)
-        logits = self.model(batch, self.kv_cache)
-        if batch.probe is not None:
+        ctx = self.prepare(queries)
+        logits = self.model(ctx, self.kv_cache)
+        if ctx.probe is not None:
             recorded = [q for q in queries if q.record_attention]
-            for query, layers in zip(recorded, batch.probe.records):
+            for query, layers in zip(recorded, ctx.probe.records):
                 query.attention = layers
         return list(logits.split([q.num_logits for q in queries]))
 

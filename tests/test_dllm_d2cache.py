@@ -12,8 +12,8 @@ import torch
 
 from dengine import LLM, SamplingParams
 from dengine.decoding import certainty_density
-from dengine.kv.policies.d2cache import D2Cache, inflate, nucleus, rollout_importance
-from dengine.kv.policies import make_policy
+from dengine.scheduler.policies.d2cache import D2Cache, inflate, nucleus, rollout_importance
+from dengine.scheduler.policies import make_policy
 
 SAMPLERS = [
     dict(gen_length=24, block_length=8, steps=24),

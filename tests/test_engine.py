@@ -10,7 +10,7 @@ import torch
 from checkpoints import write_checkpoint
 from dengine import LLM, LLMEngine, SamplingParams
 from dengine.kv import RequestTooLargeError
-from dengine.kv.policies import POLICIES as REGISTERED
+from dengine.scheduler.policies import POLICIES as REGISTERED
 
 POLICIES = sorted(REGISTERED)
 

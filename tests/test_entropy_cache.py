@@ -10,8 +10,8 @@ import torch
 
 from dengine import LLM, SamplingParams
 from dengine.decoding import StepOutcome
-from dengine.kv.policies import make_policy
-from dengine.kv.policies.entropy import max_entropy
+from dengine.scheduler.policies import make_policy
+from dengine.scheduler.policies.entropy import max_entropy
 
 
 def _llm(folder, policy="entropy", **kwargs):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
-from dengine.forward_batch import AttendFn, ForwardBatch
+from dengine.forward_batch import ForwardBatch
+
+# attend(q [N, heads, head_dim], key_cache, value_cache) -> [N, heads, head_dim]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class AttentionBackend:

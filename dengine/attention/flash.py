@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from dengine.attention.base import AttentionBackend, gather_kv
-from dengine.forward_batch import AttendFn, ForwardBatch
+from dengine.attention.base import AttendFn, AttentionBackend, gather_kv
+from dengine.forward_batch import ForwardBatch
 
 PAGED_BLOCK_MULTIPLE = 256
 

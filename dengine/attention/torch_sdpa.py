@@ -16,8 +16,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from dengine.attention.base import AttentionBackend
-from dengine.forward_batch import AttendFn, ForwardBatch
+from dengine.attention.base import AttendFn, AttentionBackend
+from dengine.forward_batch import ForwardBatch
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ import inspect
 
 import torch
 
-from dengine.attention.base import AttentionBackend, gather_kv
-from dengine.forward_batch import AttendFn, ForwardBatch
+from dengine.attention.base import AttendFn, AttentionBackend, gather_kv
+from dengine.forward_batch import ForwardBatch
 
 
 class XFormersAttentionBackend(AttentionBackend):

@@ -31,7 +31,7 @@ from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.decoding import StepOutcome
 from dengine.engine import LLMEngine
-from dengine.kv.policies.none import NoCache
+from dengine.scheduler.policies.none import NoCache
 from dengine.llm import chat_prompt
 from dengine.sampling_params import SamplingParams
 from dengine.tasks import generation_lengths

@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dengine.config import ModelConfig
-from dengine.forward_batch import ForwardBatch
+from dengine.forward_context import ForwardContext
 from dengine.kv.kv_cache import PagedKVCache
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, cast back to the input dtype, then scaled by the weight."""
+    """RMSNorm computed in fp32 and scaled by the weight, then cast back to the input dtype (one fused kernel)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -20,34 +20,35 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos and sin of NeoX RoPE for absolute canvas positions, shape [N, 1, head_dim / 2].
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and signed sin of NeoX RoPE for absolute canvas positions, shape [N, 1, head_dim].
 
-    NeoX RoPE rotates the pair (x[j], x[j + head_dim / 2]) by angle position * theta^(-2j / head_dim);
-    both halves share the angles, so only half of them are kept.
+    NeoX RoPE rotates the pair (x[j], x[j + head_dim / 2]) by angle position * theta^(-2j / head_dim):
+    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1); the sign is folded into the half of sin
+    that meets x2. cos and sin are rounded to dtype first (Dream casts them to the activation dtype).
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+    cos, sin = angles.cos().to(dtype).float(), angles.sin().to(dtype).float()
+    return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32: bool) -> torch.Tensor:
-    """Rotate x [N, heads, head_dim]; in_fp32 rotates in fp32 (LLaDA), else in x's dtype (Dream).
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, heads, head_dim] in fp32 and round once to x's dtype.
 
-    Same products and sums as the reference's x * cos + rotate_half(x) * sin, without building
-    rotate_half(x) or the duplicated cos / sin.
+    The reference's products and sums, x * cos + rotate_half(x) * sin. Dream's reference rotates in the
+    activation dtype, rounding after each product and sum: bf16 Dream moves by those roundings only.
     """
-    first, second = x.chunk(2, dim=-1)
-    if in_fp32:
-        first, second = first.float(), second.float()
-    else:
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)
+    x32 = x.float()
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
+    return torch.addcmul(x32 * cos, swapped, sin).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -59,7 +60,6 @@ class SelfAttention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.rope_in_fp32 = config.rope_in_fp32
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.kv_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
@@ -69,24 +69,24 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        batch: ForwardBatch,
+        ctx: ForwardContext,
         kv_cache: PagedKVCache,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention outputs of x's rows: every batch row, or the sorted batch rows listed in rows."""
         n = x.shape[0]
-        slot_mapping, attend = batch.slot_mapping, batch.attend
+        slot_mapping, attend = ctx.batch.slot_mapping, ctx.attend
         if rows is not None:
             rope = (rope[0].index_select(0, rows), rope[1].index_select(0, rows))
-            slot_mapping, attend = slot_mapping.index_select(0, rows), batch.layer_reuse.attend_rows
+            slot_mapping, attend = slot_mapping.index_select(0, rows), ctx.layer_reuse.attend_rows
         qkv = self.qkv_proj(x)
         # q and k are adjacent in the fused projection: rotate them in one pass
         qk = qkv[:, : self.q_size + self.kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(qk, *rope, self.rope_in_fp32).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = apply_rope(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         kv_cache.write(self.layer_idx, k, v, slot_mapping)
-        if batch.probe is not None:
-            batch.probe.record(q, kv_cache.key[self.layer_idx], rows)
+        if ctx.probe is not None:
+            ctx.probe.record(q, kv_cache.key[self.layer_idx], rows)
         out = attend(q, kv_cache.key[self.layer_idx], kv_cache.value[self.layer_idx])
         return self.o_proj(out.reshape(n, self.q_size))
 
@@ -124,12 +124,12 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        batch: ForwardBatch,
+        ctx: ForwardContext,
         kv_cache: PagedKVCache,
     ) -> torch.Tensor:
-        reuse = batch.layer_reuse
+        reuse = ctx.layer_reuse
         if reuse is None:
-            x = x + self.attn(self.attn_norm(x), rope, batch, kv_cache)
+            x = x + self.attn(self.attn_norm(x), rope, ctx, kv_cache)
             return x + self.mlp(self.mlp_norm(x))
         # Some sequences reuse cached attention / FFN outputs (dLLM-Cache): compute only this layer's rows.
         h = self.attn_norm(x)
@@ -137,6 +137,6 @@ class DecoderLayer(nn.Module):
         rows = reuse.select(layer, h, self.attn.values, kv_cache)
         if rows.active is not None:
             h = h.index_select(0, rows.active)
-        x = reuse.merge(x, self.attn(h, rope, batch, kv_cache, rows.active), rows, layer, 0, kv_cache)
+        x = reuse.merge(x, self.attn(h, rope, ctx, kv_cache, rows.active), rows, layer, 0, kv_cache)
         h = self.mlp_norm(x if rows.active is None else x.index_select(0, rows.active))
         return reuse.merge(x, self.mlp(h), rows, layer, 1, kv_cache)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dengine.config import ModelConfig
-from dengine.forward_batch import ForwardBatch
+from dengine.forward_context import ForwardContext
 from dengine.kv.kv_cache import PagedKVCache
 from dengine.models.layers import DecoderLayer, RMSNorm, rope_cos_sin
 
@@ -38,7 +38,7 @@ class CheckpointNames:
 
 
 class DiffusionLM(nn.Module):
-    """A masked-diffusion LM whose forward computes only the positions a ForwardBatch lists."""
+    """A masked-diffusion LM whose forward computes only the positions a step's ForwardBatch lists."""
 
     model_type: ClassVar[str]
     checkpoint_names: ClassVar[CheckpointNames]
@@ -56,12 +56,13 @@ class DiffusionLM(nn.Module):
         """Translate the family's config.json (and generation_config.json) into a ModelConfig."""
         raise NotImplementedError
 
-    def forward(self, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor:
-        """Run every layer on batch's query rows; return logits [len(batch.logits_indices), vocab]."""
+    def forward(self, ctx: ForwardContext, kv_cache: PagedKVCache) -> torch.Tensor:
+        """Run every layer on the batch's query rows; return logits [len(batch.logits_indices), vocab]."""
+        c, batch = self.config, ctx.batch
         x = self.embed(batch.input_ids)
-        rope = rope_cos_sin(batch.positions, self.config.head_dim, self.config.rope_theta)
+        rope = rope_cos_sin(batch.positions, c.head_dim, c.rope_theta, torch.float32 if c.rope_in_fp32 else x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, batch, kv_cache)
+            x = layer(x, rope, ctx, kv_cache)
         # Norm and LM head only for the rows whose logits the caller reads.
         x = x.index_select(0, batch.logits_indices)
         return self.lm_head(self.final_norm(x))

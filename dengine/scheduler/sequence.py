@@ -10,7 +10,7 @@ import torch
 
 from dengine.config import ModelConfig
 from dengine.decoding import Decoder, StepOutcome, certainty_density
-from dengine.kv.policies.base import CachePolicy
+from dengine.scheduler.policies.base import CachePolicy
 from dengine.model_runner import CachedOutputs, SequenceQuery
 from dengine.sampling_params import SamplingParams
 

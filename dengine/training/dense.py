@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dengine.forward_batch import ForwardBatch
+from dengine.forward_context import ForwardContext
 
 
 class TrainingKV:
@@ -20,8 +21,8 @@ class TrainingKV:
         self.key[layer], self.value[layer] = key, value
 
 
-def dense_batch(input_ids: torch.Tensor, logits_indices: torch.Tensor) -> ForwardBatch:
-    """A ForwardBatch over B equal-length canvases [B, T], every position computed."""
+def dense_batch(input_ids: torch.Tensor, logits_indices: torch.Tensor) -> ForwardContext:
+    """The forward context of B equal-length canvases [B, T], every position computed."""
     b, t = input_ids.shape
     device = input_ids.device
     flat = torch.arange(b * t, device=device)
@@ -36,7 +37,7 @@ def dense_batch(input_ids: torch.Tensor, logits_indices: torch.Tensor) -> Forwar
         out = F.scaled_dot_product_attention(q4, k4, v4, enable_gqa=True)
         return out.transpose(1, 2).reshape(b * t, heads, head_dim)
 
-    return ForwardBatch(
+    batch = ForwardBatch(
         input_ids=input_ids.reshape(-1),
         positions=torch.arange(t, device=device).repeat(b),
         slot_mapping=flat,
@@ -48,5 +49,5 @@ def dense_batch(input_ids: torch.Tensor, logits_indices: torch.Tensor) -> Forwar
         block_tables=torch.arange(b, dtype=torch.int32, device=device)[:, None],
         kv_slots=flat,
         block_size=t,
-        attend=attend,
     )
+    return ForwardContext(batch, attend)

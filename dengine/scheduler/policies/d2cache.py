@@ -27,7 +27,7 @@ import msgspec
 import torch
 
 from dengine.decoding import certainty_density
-from dengine.kv.policies.base import CachePolicy
+from dengine.scheduler.policies.base import CachePolicy
 
 
 class D2CacheOptions(msgspec.Struct, forbid_unknown_fields=True):

@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import msgspec
 import torch
 
-if TYPE_CHECKING:
-    from dengine.decoding import StepOutcome
-    from dengine.scheduler.sequence import Sequence
+from dengine.decoding import StepOutcome
+from dengine.sampling_params import SamplingParams
+
+
+class SequenceView(Protocol):
+    """What a policy reads of its sequence (dengine.scheduler.sequence.Sequence), and never writes."""
+
+    canvas: torch.Tensor
+    params: SamplingParams
+    prompt_len: int
+    num_tokens: int
+    mask_id: int
+    logit_shift: int
+    block_step: int
+    # d2Cache: the last step's scored masks and their logits; its computed rows and their attention per layer
+    last_scored: tuple[torch.Tensor, torch.Tensor] | None
+    last_attention: tuple[torch.Tensor, list[torch.Tensor]] | None
+
+    @property
+    def block_start(self) -> int: ...
+
+    @property
+    def block_end(self) -> int: ...
+
+    def masked_in_block(self) -> torch.Tensor: ...
 
 
 class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -44,14 +66,14 @@ class CachePolicy:
         except (msgspec.ValidationError, ValueError) as exc:
             raise ValueError(f"cache_config for policy {cls.name!r}: {exc}") from None
 
-    def plan(self, seq: Sequence) -> torch.Tensor | None:
+    def plan(self, seq: SequenceView) -> torch.Tensor | None:
         """Positions to recompute this step (None: all). The engine adds the positions it must score."""
         raise NotImplementedError
 
-    def reuse(self, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def reuse(self, seq: SequenceView) -> tuple[torch.Tensor, torch.Tensor, int]:
         """stores_layer_outputs only: (positions recomputed at every layer, candidates, how many candidates
         each layer past the first recomputes); the other computed rows reuse their cached outputs."""
         raise NotImplementedError
 
-    def observe(self, seq: Sequence, outcome: StepOutcome, full: bool) -> None:
+    def observe(self, seq: SequenceView, outcome: StepOutcome, full: bool) -> None:
         """Learn from the step just applied (its commits and whether it was a full recompute)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dengine.kv.policies.base import CachePolicy
+from dengine.scheduler.policies.base import CachePolicy
 
 
 class NoCache(CachePolicy):

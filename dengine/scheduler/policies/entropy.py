@@ -14,7 +14,7 @@ from typing import Annotated
 import msgspec
 import torch
 
-from dengine.kv.policies.base import CachePolicy
+from dengine.scheduler.policies.base import CachePolicy
 
 
 class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):

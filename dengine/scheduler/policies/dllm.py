@@ -20,7 +20,7 @@ from typing import Annotated
 import msgspec
 import torch
 
-from dengine.kv.policies.base import CachePolicy
+from dengine.scheduler.policies.base import CachePolicy
 
 
 class DLLMCacheOptions(msgspec.Struct, forbid_unknown_fields=True):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from dengine.kv.policies.base import CachePolicy
-from dengine.kv.policies.d2cache import D2Cache
-from dengine.kv.policies.dllm import DLLMCache
-from dengine.kv.policies.entropy import EntropyCache
-from dengine.kv.policies.fast_dllm import DualCache, PrefixCache
-from dengine.kv.policies.none import NoCache
+from dengine.scheduler.policies.base import CachePolicy
+from dengine.scheduler.policies.d2cache import D2Cache
+from dengine.scheduler.policies.dllm import DLLMCache
+from dengine.scheduler.policies.entropy import EntropyCache
+from dengine.scheduler.policies.fast_dllm import DualCache, PrefixCache
+from dengine.scheduler.policies.none import NoCache
 
 POLICIES: dict[str, type[CachePolicy]] = {
     cls.name: cls for cls in (NoCache, PrefixCache, DualCache, EntropyCache, DLLMCache, D2Cache)

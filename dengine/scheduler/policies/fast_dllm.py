@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dengine.kv.policies.base import CachePolicy
+from dengine.scheduler.policies.base import CachePolicy
 
 
 class PrefixCache(CachePolicy):
