@@ -12,6 +12,7 @@ batched scores spill the cache). GQA folds each KV head's query heads into one m
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     kv_heads = k.shape[-3]
     grouped = q.reshape(*lead, kv_heads, (heads // kv_heads) * n, d)
     scores = torch.matmul(grouped, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
-    return (scores * d**-0.5).softmax(-1)
+    return scores.mul_(d**-0.5).softmax(-1)  # scores is the matmul's own output or its fp32 copy: scale in place
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -54,14 +55,14 @@ class TorchAttentionBackend(AttentionBackend):
             members[shape].append(index)
         if len(members) == 1:
             ((q_len, s_len), indices), = members.items()
-            groups = [(len(indices), q_len, s_len, None, batch.kv_slots)]
+            groups = [(len(indices), q_len, s_len, None, _keys(batch.kv_slots))]
         else:
             q_starts, k_starts = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
             device, groups = batch.input_ids.device, []
             for (q_len, s_len), indices in members.items():
                 rows = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len) for i in indices]).to(device)
                 keys = torch.cat([torch.arange(k_starts[i], k_starts[i] + s_len) for i in indices]).to(device)
-                groups.append((len(indices), q_len, s_len, rows, batch.kv_slots.index_select(0, keys)))
+                groups.append((len(indices), q_len, s_len, rows, _keys(batch.kv_slots.index_select(0, keys))))
         alone = _sdpa if batch.input_ids.is_cuda else math_attention
 
         def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
@@ -70,10 +71,10 @@ class TorchAttentionBackend(AttentionBackend):
             flat_k = key_cache.view(-1, kv_heads, head_dim)
             flat_v = value_cache.view(-1, kv_heads, head_dim)
             out = None if len(groups) == 1 else torch.empty_like(q)
-            for count, q_len, s_len, rows, slots in groups:
+            for count, q_len, s_len, rows, keys in groups:
                 qg = (q if rows is None else q.index_select(0, rows)).view(count, q_len, heads, head_dim)
-                kg = flat_k.index_select(0, slots).view(count, s_len, kv_heads, head_dim)
-                vg = flat_v.index_select(0, slots).view(count, s_len, kv_heads, head_dim)
+                kg = keys(flat_k).view(count, s_len, kv_heads, head_dim)
+                vg = keys(flat_v).view(count, s_len, kv_heads, head_dim)
                 attention = alone if count == 1 else _sdpa
                 og = attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)).transpose(1, 2)
                 og = og.reshape(count * q_len, heads, head_dim)
@@ -83,3 +84,12 @@ class TorchAttentionBackend(AttentionBackend):
             return out
 
         return attend
+
+
+def _keys(slots: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reads the rows at slots of a flat cache: a view when they are one ascending run (a lone sequence whose
+    blocks are adjacent), else a gather."""
+    first, count = int(slots[0]), slots.numel()
+    if int(slots[-1]) - first == count - 1 and bool((slots.diff() == 1).all()):
+        return lambda flat: flat.narrow(0, first, count)
+    return lambda flat: flat.index_select(0, slots)
