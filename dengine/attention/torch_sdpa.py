@@ -1,12 +1,12 @@
 """Portable backend: plain torch attention, on every device; the CPU default.
 
-Sequences with the same (query count, canvas length) go through one batched call of torch's
-scaled_dot_product_attention: in a batch of equal prompts every full recompute is one call, not one per
-sequence, and nothing is ever padded. On CPU a sequence alone in its group is written out instead (two
-matmuls around an fp32 softmax): SDPA's fixed per-call cost is about three times that computation for one
-sequence, while batched it wins (one 2-core measurement, 16 sequences of 168 positions, bf16: SDPA
-batched 10 ms, written out per sequence 12 ms, SDPA per sequence 24 ms, written out batched 43 ms; the
-batched scores spill the cache). GQA folds each KV head's query heads into one matmul.
+On CPU every sequence is written out on its own (two matmuls around an fp32 softmax), reading its keys and
+values in place when its blocks are adjacent: torch's fused CPU kernel is slower even for a batch (16
+sequences of 179 positions, 8 heads of 32, bf16: SDPA 14-24 ms per layer, written out per sequence 6-12
+ms, one and two threads on a shared 2-core machine). On GPU, sequences with the same (query count, canvas
+length) go through one batched call of scaled_dot_product_attention: in a batch of equal prompts every full
+recompute is one call, not one per sequence, and nothing is ever padded. GQA folds each KV head's query
+heads into one matmul.
 """
 
 from __future__ import annotations
@@ -48,22 +48,50 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def plan(self, batch: ForwardBatch) -> AttendFn:
-        # Group the sequences by shape: (count, query len, canvas len, query rows, key slots) per group.
-        # One group (the common case) covers every row and key in order: nothing to gather or scatter.
+        return self._plan_groups(batch) if batch.input_ids.is_cuda else self._plan_each(batch)
+
+    @staticmethod
+    def _plan_each(batch: ForwardBatch) -> AttendFn:
+        """Every sequence on its own: (first row, query len, canvas len, key reader) per sequence."""
+        q_starts, k_starts = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
+        parts = [(q_starts[i], q_len, s_len, _keys(batch.kv_slots[k_starts[i] : k_starts[i] + s_len]))
+                 for i, (q_len, s_len) in enumerate(zip(batch.query_lens, batch.seq_lens))]
+
+        def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+            heads, head_dim = q.shape[1:]
+            kv_heads = key_cache.shape[-2]
+            flat_k = key_cache.view(-1, kv_heads, head_dim)
+            flat_v = value_cache.view(-1, kv_heads, head_dim)
+            out = None if len(parts) == 1 else torch.empty_like(q)
+            for start, q_len, s_len, keys in parts:
+                qs = q[start : start + q_len].view(1, q_len, heads, head_dim).transpose(1, 2)
+                ks = keys(flat_k).view(1, s_len, kv_heads, head_dim).transpose(1, 2)
+                vs = keys(flat_v).view(1, s_len, kv_heads, head_dim).transpose(1, 2)
+                os = math_attention(qs, ks, vs).transpose(1, 2).reshape(q_len, heads, head_dim)
+                if out is None:
+                    return os
+                out[start : start + q_len] = os
+            return out
+
+        return attend
+
+    @staticmethod
+    def _plan_groups(batch: ForwardBatch) -> AttendFn:
+        """Sequences grouped by shape: (count, query len, canvas len, query rows, key slots) per group.
+        One group (the common case) covers every row and key in order: nothing to gather or scatter."""
         members: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, shape in enumerate(zip(batch.query_lens, batch.seq_lens)):
             members[shape].append(index)
         if len(members) == 1:
             ((q_len, s_len), indices), = members.items()
-            groups = [(len(indices), q_len, s_len, None, _keys(batch.kv_slots))]
+            groups = [(len(indices), q_len, s_len, None, batch.kv_slots)]
         else:
             q_starts, k_starts = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
             device, groups = batch.input_ids.device, []
             for (q_len, s_len), indices in members.items():
                 rows = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len) for i in indices]).to(device)
                 keys = torch.cat([torch.arange(k_starts[i], k_starts[i] + s_len) for i in indices]).to(device)
-                groups.append((len(indices), q_len, s_len, rows, _keys(batch.kv_slots.index_select(0, keys))))
-        alone = _sdpa if batch.input_ids.is_cuda else math_attention
+                groups.append((len(indices), q_len, s_len, rows, batch.kv_slots.index_select(0, keys)))
 
         def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
             heads, head_dim = q.shape[1:]
@@ -71,12 +99,11 @@ class TorchAttentionBackend(AttentionBackend):
             flat_k = key_cache.view(-1, kv_heads, head_dim)
             flat_v = value_cache.view(-1, kv_heads, head_dim)
             out = None if len(groups) == 1 else torch.empty_like(q)
-            for count, q_len, s_len, rows, keys in groups:
+            for count, q_len, s_len, rows, slots in groups:
                 qg = (q if rows is None else q.index_select(0, rows)).view(count, q_len, heads, head_dim)
-                kg = keys(flat_k).view(count, s_len, kv_heads, head_dim)
-                vg = keys(flat_v).view(count, s_len, kv_heads, head_dim)
-                attention = alone if count == 1 else _sdpa
-                og = attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)).transpose(1, 2)
+                kg = flat_k.index_select(0, slots).view(count, s_len, kv_heads, head_dim)
+                vg = flat_v.index_select(0, slots).view(count, s_len, kv_heads, head_dim)
+                og = _sdpa(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)).transpose(1, 2)
                 og = og.reshape(count * q_len, heads, head_dim)
                 if out is None:
                     return og
@@ -87,7 +114,7 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 def _keys(slots: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Reads the rows at slots of a flat cache: a view when they are one ascending run (a lone sequence whose
+    """Reads the rows at slots of a flat cache: a view when they are one ascending run (a sequence whose
     blocks are adjacent), else a gather."""
     first, count = int(slots[0]), slots.numel()
     if int(slots[-1]) - first == count - 1 and bool((slots.diff() == 1).all()):
