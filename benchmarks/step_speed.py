@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parents[1]
 MEASURES = ["full_ms", "partial_ms", "full16_ms", "partial16_ms"]
 
 
-def child(requests: int) -> dict[str, float]:
+def child(requests: int, cpu_time: bool) -> dict[str, float]:
     """One process's measurements (imports dengine from PYTHONPATH)."""
     import torch
 
@@ -34,13 +34,15 @@ def child(requests: int) -> dict[str, float]:
     from dengine.tasks import get_task
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    llm = LLM("llada-reverse", dtype="bfloat16")
+    clock = time.process_time if cpu_time else time.perf_counter
+    llm = LLM("llada-reverse", dtype="bfloat16", kv_cache_memory=1 << 28)
     engine = llm.engine
     problems = get_task("digit-reversal").held_out(16)
     prompts = [chat_prompt(llm.tokenizer, [{"role": "user", "content": p.question}]) for p in problems]
 
     def steps(policy: str, batch: list[dict]) -> list[tuple[float, bool]]:
-        """(seconds, was a full recompute) of every engine step decoding batch together."""
+        """(seconds, was a full recompute) of every engine step decoding batch together; seconds of the
+        process's CPU time with --cpu-time (robust to other work on the machine), else wall time."""
         params = SamplingParams(gen_length=128, block_length=32, steps=128, cache_policy=policy)
         for i, prompt in enumerate(batch):
             engine.add_request(f"{policy}-{time.monotonic_ns()}-{i}", prompt, params)
@@ -48,9 +50,9 @@ def child(requests: int) -> dict[str, float]:
         while engine.has_unfinished_requests():
             seqs = list(engine.scheduler.running) + list(engine.scheduler.waiting)
             before = sum(s.metrics.full_recomputes for s in seqs)
-            start = time.perf_counter()
+            start = clock()
             engine.step()
-            out.append((time.perf_counter() - start, sum(s.metrics.full_recomputes for s in seqs) > before))
+            out.append((clock() - start, sum(s.metrics.full_recomputes for s in seqs) > before))
         return out
 
     steps("none", prompts[:1])  # warm up
@@ -68,22 +70,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=2, help="requests one at a time per policy and process")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time steps by the process's CPU time instead of wall time (on a shared machine)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.requests)))
+        print(json.dumps(child(args.requests, args.cpu_time)))
         return
     trees = {"base": args.base.resolve(), "this": HERE}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     for round_ in range(args.rounds):
         for name, tree in trees.items():
             env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
-            out = subprocess.run([sys.executable, __file__, "--child", "--base", str(tree), "--requests",
-                                  str(args.requests)], env=env, capture_output=True, text=True, check=True)
+            command = [sys.executable, __file__, "--child", "--base", str(tree), "--requests", str(args.requests)]
+            out = subprocess.run(command + ["--cpu-time"] * args.cpu_time, env=env, capture_output=True, text=True,
+                                 check=True)
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {round_ + 1} {name}: {results[name][-1]}", flush=True)
     medians = {name: {m: statistics.median(r[m] for r in runs) for m in MEASURES} for name, runs in results.items()}
-    print(f"\n{args.threads} threads, {args.rounds} rounds, medians (ms per step) and base / this:")
+    clock = "CPU" if args.cpu_time else "wall"
+    print(f"\n{args.threads} threads, {args.rounds} rounds, medians ({clock} ms per step) and base / this:")
     for m in MEASURES:
         print(f"  {m:>13}: base {medians['base'][m]:8.2f}  this {medians['this'][m]:8.2f}  "
               f"speedup {medians['base'][m] / medians['this'][m]:.2f}x")

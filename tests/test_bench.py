@@ -159,3 +159,35 @@ def test_a_noisy_machine_is_reported(monkeypatch, tmp_path, capsys):
     assert (tmp_path / "noisy.md").read_text().count("**Warning:**") == 2
     monkeypatch.setattr(report.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert report.run_record("bench", [], report.QuietCheck())["quiet"]["warnings"] == []
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_random_real_format_checkpoint_loads_and_runs(family, tmp_path):
+    """The width benchmark's writer: the real tensor names (those of the real index, for the layers kept), the
+    real config apart from the layer count and the overrides, weights that load and a step that runs."""
+    from dengine.bench import width
+    from dengine.models.loader import load_model
+
+    narrow = {"llada": {"d_model": 64, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 96},
+              "dream": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "intermediate_size": 96}}[family]
+    folder = width.write_random_checkpoint(tmp_path / family, family, num_layers=2, overrides=narrow)
+    real = {"llada": "llada-8b-instruct", "dream": "dream-v0-instruct-7b"}[family]
+    real_names = json.loads((Path(__file__).parent / "data" / "hf" / real / "model.safetensors.index.json")
+                            .read_text())["weight_map"]
+    kept = {n for n in real_names if not any(f".{i}." in n for i in range(2, 40))}
+    written = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(written) == kept
+    config = json.loads((folder / "config.json").read_text())
+    assert config == {**width.REAL_CONFIGS[family], width.LAYERS[family]: 2, **narrow}
+    model = load_model(folder, dtype="bfloat16")
+    assert model.config.vocab_size == width.REAL_CONFIGS[family]["vocab_size"]
+    times = width.step_times(folder, canvas=40, rows=[1, 8, 40], block=4, repeats=1)
+    assert sorted(times) == [1, 8, 40] and all(t > 0 for t in times.values())
+
+
+def test_width_interpolation_is_linear_between_measured_rows():
+    from dengine.bench.width import interpolate
+
+    times = {1: 1.0, 8: 2.0, 40: 6.0}
+    assert interpolate(times, 8) == 2.0 and interpolate(times, 24) == 4.0 and interpolate(times, 48) == 7.0
