@@ -1,12 +1,13 @@
 """Portable backend: plain torch attention, on every device; the CPU default.
 
-On CPU every sequence is written out on its own (two matmuls around an fp32 softmax), reading its keys and
-values in place when its blocks are adjacent: torch's fused CPU kernel is slower even for a batch (16
-sequences of 179 positions, 8 heads of 32, bf16: SDPA 14-24 ms per layer, written out per sequence 6-12
-ms, one and two threads on a shared 2-core machine). On GPU, sequences with the same (query count, canvas
-length) go through one batched call of scaled_dot_product_attention: in a batch of equal prompts every full
-recompute is one call, not one per sequence, and nothing is ever padded. GQA folds each KV head's query
-heads into one matmul.
+Sequences with the same (query count, canvas length) go through one batched call of torch's
+scaled_dot_product_attention: in a batch of equal prompts every partial step is one call, not one per
+sequence, and nothing is ever padded. On CPU a sequence alone in its group, and every full recompute, is
+written out instead (two matmuls around an fp32 softmax), reading its keys in place when its blocks are
+adjacent: SDPA's CPU kernel costs more than the written-out attention once a sequence's scores are large
+(16 full recomputes of 179 positions, 8 heads of 32, bf16, one thread: SDPA 10.4 ms per layer, written out
+per sequence 6.4 ms; 16 partial steps of 18 rows: 1.5 and 1.6 ms). GQA folds each KV head's query heads
+into one matmul.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     *lead, heads, n, d = q.shape
     kv_heads = k.shape[-3]
     grouped = q.reshape(*lead, kv_heads, (heads // kv_heads) * n, d)
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+    # k contiguous first: the matmul over the cache's [s, kv_heads, d] layout is two to three times slower
+    scores = torch.matmul(grouped, k.contiguous().transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
     return scores.mul_(d**-0.5).softmax(-1)  # scores is the matmul's own output or its fp32 copy: scale in place
 
 
@@ -48,22 +50,34 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def plan(self, batch: ForwardBatch) -> AttendFn:
-        return self._plan_groups(batch) if batch.input_ids.is_cuda else self._plan_each(batch)
-
-    @staticmethod
-    def _plan_each(batch: ForwardBatch) -> AttendFn:
-        """Every sequence on its own: (first row, query len, canvas len, key reader) per sequence."""
+        # Group the sequences by shape (query len, canvas len). On CPU a group of one and a group of full
+        # recomputes are written out per sequence: (first row, query len, canvas len, key reader) each. The
+        # other groups go through one SDPA call each: (count, query len, canvas len, query rows, key slots);
+        # a single group covers every row and key in order, with nothing to gather or scatter.
+        members: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, shape in enumerate(zip(batch.query_lens, batch.seq_lens)):
+            members[shape].append(index)
         q_starts, k_starts = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
-        parts = [(q_starts[i], q_len, s_len, _keys(batch.kv_slots[k_starts[i] : k_starts[i] + s_len]))
-                 for i, (q_len, s_len) in enumerate(zip(batch.query_lens, batch.seq_lens))]
+        device, alone, together = batch.input_ids.device, [], []
+        for (q_len, s_len), indices in members.items():
+            if device.type == "cpu" and (len(indices) == 1 or q_len == s_len):
+                alone += [(q_starts[i], q_len, s_len, _keys(batch.kv_slots[k_starts[i] : k_starts[i] + s_len]))
+                          for i in indices]
+            elif len(members) == 1:
+                together.append((len(indices), q_len, s_len, None, batch.kv_slots))
+            else:
+                rows = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len) for i in indices]).to(device)
+                keys = torch.cat([torch.arange(k_starts[i], k_starts[i] + s_len) for i in indices]).to(device)
+                together.append((len(indices), q_len, s_len, rows, batch.kv_slots.index_select(0, keys)))
+        single = len(alone) + len(together) == 1
 
         def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
             heads, head_dim = q.shape[1:]
             kv_heads = key_cache.shape[-2]
             flat_k = key_cache.view(-1, kv_heads, head_dim)
             flat_v = value_cache.view(-1, kv_heads, head_dim)
-            out = None if len(parts) == 1 else torch.empty_like(q)
-            for start, q_len, s_len, keys in parts:
+            out = None if single else torch.empty_like(q)
+            for start, q_len, s_len, keys in alone:
                 qs = q[start : start + q_len].view(1, q_len, heads, head_dim).transpose(1, 2)
                 ks = keys(flat_k).view(1, s_len, kv_heads, head_dim).transpose(1, 2)
                 vs = keys(flat_v).view(1, s_len, kv_heads, head_dim).transpose(1, 2)
@@ -71,35 +85,7 @@ class TorchAttentionBackend(AttentionBackend):
                 if out is None:
                     return os
                 out[start : start + q_len] = os
-            return out
-
-        return attend
-
-    @staticmethod
-    def _plan_groups(batch: ForwardBatch) -> AttendFn:
-        """Sequences grouped by shape: (count, query len, canvas len, query rows, key slots) per group.
-        One group (the common case) covers every row and key in order: nothing to gather or scatter."""
-        members: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, shape in enumerate(zip(batch.query_lens, batch.seq_lens)):
-            members[shape].append(index)
-        if len(members) == 1:
-            ((q_len, s_len), indices), = members.items()
-            groups = [(len(indices), q_len, s_len, None, batch.kv_slots)]
-        else:
-            q_starts, k_starts = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
-            device, groups = batch.input_ids.device, []
-            for (q_len, s_len), indices in members.items():
-                rows = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len) for i in indices]).to(device)
-                keys = torch.cat([torch.arange(k_starts[i], k_starts[i] + s_len) for i in indices]).to(device)
-                groups.append((len(indices), q_len, s_len, rows, batch.kv_slots.index_select(0, keys)))
-
-        def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
-            heads, head_dim = q.shape[1:]
-            kv_heads = key_cache.shape[-2]
-            flat_k = key_cache.view(-1, kv_heads, head_dim)
-            flat_v = value_cache.view(-1, kv_heads, head_dim)
-            out = None if len(groups) == 1 else torch.empty_like(q)
-            for count, q_len, s_len, rows, slots in groups:
+            for count, q_len, s_len, rows, slots in together:
                 qg = (q if rows is None else q.index_select(0, rows)).view(count, q_len, heads, head_dim)
                 kg = flat_k.index_select(0, slots).view(count, s_len, kv_heads, head_dim)
                 vg = flat_v.index_select(0, slots).view(count, s_len, kv_heads, head_dim)
