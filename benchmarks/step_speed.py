@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parents[1]
 MEASURES = ["full_ms", "partial_ms", "full16_ms", "partial16_ms"]
 
 
-def child(requests: int, cpu_time: bool) -> dict[str, float]:
+def child(requests: int, cpu_time: bool, compile_: bool) -> dict[str, float]:
     """One process's measurements (imports dengine from PYTHONPATH)."""
     import torch
 
@@ -35,7 +35,7 @@ def child(requests: int, cpu_time: bool) -> dict[str, float]:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     clock = time.process_time if cpu_time else time.perf_counter
-    llm = LLM("llada-reverse", dtype="bfloat16", kv_cache_memory=1 << 28)
+    llm = LLM("llada-reverse", dtype="bfloat16", kv_cache_memory=1 << 28, **({"compile": True} if compile_ else {}))
     engine = llm.engine
     problems = get_task("digit-reversal").held_out(16)
     prompts = [chat_prompt(llm.tokenizer, [{"role": "user", "content": p.question}]) for p in problems]
@@ -72,10 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests one at a time per policy and process")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps by the process's CPU time instead of wall time (on a shared machine)")
+    parser.add_argument("--compile", action="store_true", help="this checkout with LLM(compile=True)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.requests, args.cpu_time)))
+        print(json.dumps(child(args.requests, args.cpu_time, args.compile)))
         return
     trees = {"base": args.base.resolve(), "this": HERE}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, tree in trees.items():
             env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
             command = [sys.executable, __file__, "--child", "--base", str(tree), "--requests", str(args.requests)]
-            out = subprocess.run(command + ["--cpu-time"] * args.cpu_time, env=env, capture_output=True, text=True,
-                                 check=True)
+            command += ["--cpu-time"] * args.cpu_time + ["--compile"] * (args.compile and name == "this")
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {round_ + 1} {name}: {results[name][-1]}", flush=True)
     medians = {name: {m: statistics.median(r[m] for r in runs) for m in MEASURES} for name, runs in results.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,8 +13,39 @@ from dengine.forward_context import ForwardContext
 from dengine.kv.kv_cache import PagedKVCache
 
 
+class Fusible:
+    """An elementwise step of the layers, run eagerly or, once fusion is enabled, compiled by inductor into one
+    C++ loop for calls on at least min_rows rows (the row count a dynamic dimension, so one compilation serves
+    every step). Eager torch makes a pass over memory per operation, which costs once a step's rows outgrow
+    the cache; on few rows a compiled call's fixed cost exceeds what fusion saves."""
+
+    min_rows: int | None = None  # shared by every Fusible; None: fusion off (enable_fusion sets it)
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        if Fusible.min_rows is None or x.shape[0] < Fusible.min_rows:
+            return self.fn(x, *args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        return self.compiled(x, *args)
+
+
+def enable_fusion(min_rows: int | None) -> None:
+    """Compile the layers' elementwise steps for calls on at least min_rows rows (None: never)."""
+    Fusible.min_rows = min_rows
+
+
+@Fusible
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and scaled by the weight, then cast back to x's dtype."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and scaled by the weight, then cast back to the input dtype (one fused kernel)."""
+    """RMSNorm computed in fp32 and scaled by the weight, then cast back to the input dtype."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -20,7 +53,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(
@@ -39,6 +72,7 @@ def rope_cos_sin(
     return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]
 
 
+@Fusible
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, heads, head_dim] in fp32 and round once to x's dtype.
 
@@ -106,8 +140,14 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_gate(self.gate_up_proj(x)))
+
+
+@Fusible
+def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused gate / up projection's output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
