@@ -7,7 +7,10 @@ Each round runs one process per checkout (PYTHONPATH pointing at it), base first
 llada-reverse in bf16 on held-out digit-reversal problems (gen 128, block 32, one token per step) times
 every engine step: one request at a time with policy none (the full step) and with EntropyCache at its
 defaults (its partial steps, full recomputes left out), then 16 requests batched with none and with
-EntropyCache (mean step). Prints each checkout's medians over the rounds and base / this: the speedups.
+EntropyCache (its partial steps). Each step is split into the model's forward (attention apart), the
+batch's metadata (flattening, attention plan), the sampler, the cache policy's decisions, the scheduler and
+the rest (Python between them). Prints the medians over the rounds of each process's mean per step, and
+base / this: the speedups.
 """
 
 from __future__ import annotations
@@ -19,16 +22,21 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
-MEASURES = ["full_ms", "partial_ms", "full16_ms", "partial16_ms"]
+# workload: (policy, requests decoded together); partial workloads keep only steps without a full recompute
+WORKLOADS = {"full": ("none", 1), "partial": ("entropy", 1), "full16": ("none", 16), "partial16": ("entropy", 16)}
+PARTS = ["total", "forward", "attention", "metadata", "sampler", "policy", "scheduler", "other"]
 
 
-def child(requests: int, cpu_time: bool, compile_: bool) -> dict[str, float]:
-    """One process's measurements (imports dengine from PYTHONPATH)."""
+def child(requests: int, cpu_time: bool, compile_: bool) -> dict[str, dict[str, float]]:
+    """One process's mean milliseconds per step, per workload: the step and its parts (imports dengine from
+    PYTHONPATH; only functions both checkouts have are wrapped)."""
     import torch
 
+    from dengine.decoding import Decoder
     from dengine.llm import LLM, chat_prompt
     from dengine.sampling_params import SamplingParams
     from dengine.tasks import get_task
@@ -39,29 +47,59 @@ def child(requests: int, cpu_time: bool, compile_: bool) -> dict[str, float]:
     engine = llm.engine
     problems = get_task("digit-reversal").held_out(16)
     prompts = [chat_prompt(llm.tokenizer, [{"role": "user", "content": p.question}]) for p in problems]
+    spent: dict[str, float] = defaultdict(float)
 
-    def steps(policy: str, batch: list[dict]) -> list[tuple[float, bool]]:
-        """(seconds, was a full recompute) of every engine step decoding batch together; seconds of the
-        process's CPU time with --cpu-time (robust to other work on the machine), else wall time."""
+    def timed(part, fn):
+        def wrapper(*args, **kwargs):
+            start = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] += clock() - start
+        return wrapper
+
+    scheduler, runner = engine.scheduler, engine.runner
+    scheduler.schedule = timed("scheduler", scheduler.schedule)
+    scheduler.postprocess = timed("scheduler", scheduler.postprocess)
+    runner.prepare = timed("metadata", runner.prepare)  # flattening the batch, planning attention
+    runner.model.forward = timed("forward", runner.model.forward)
+    plan = runner.backend.plan
+    runner.backend.plan = lambda batch: timed("attention", plan(batch))
+    Decoder.step = timed("sampler", Decoder.step)
+
+    def steps(policy: str, batch: list[dict]) -> list[dict[str, float]]:
+        """Every engine step decoding batch together: seconds per part, and whether any sequence recomputed
+        fully; CPU seconds of the process with --cpu-time (robust to other work on the machine), else wall."""
         params = SamplingParams(gen_length=128, block_length=32, steps=128, cache_policy=policy)
         for i, prompt in enumerate(batch):
             engine.add_request(f"{policy}-{time.monotonic_ns()}-{i}", prompt, params)
+        for seq in scheduler.waiting:
+            seq.policy.plan = timed("policy_plan", seq.policy.plan)  # called by the scheduler
+            seq.policy.observe = timed("policy_observe", seq.policy.observe)  # called by the sequence
         out = []
         while engine.has_unfinished_requests():
-            seqs = list(engine.scheduler.running) + list(engine.scheduler.waiting)
+            seqs = list(scheduler.running) + list(scheduler.waiting)
             before = sum(s.metrics.full_recomputes for s in seqs)
+            spent.clear()
             start = clock()
             engine.step()
-            out.append((clock() - start, sum(s.metrics.full_recomputes for s in seqs) > before))
+            total = clock() - start
+            policy = spent["policy_plan"] + spent["policy_observe"]
+            parts = {"total": total, "forward": spent["forward"] - spent["attention"],
+                     "attention": spent["attention"], "metadata": spent["metadata"], "sampler": spent["sampler"],
+                     "policy": policy, "scheduler": spent["scheduler"] - spent["policy_plan"]}
+            parts["other"] = total - sum(v for part, v in parts.items() if part != "total")
+            parts["full"] = sum(s.metrics.full_recomputes for s in seqs) > before
+            out.append(parts)
         return out
 
     steps("none", prompts[:1])  # warm up
-    full = [t for i in range(requests) for t, _ in steps("none", prompts[i : i + 1])]
-    partial = [t for i in range(requests) for t, f in steps("entropy", prompts[i : i + 1]) if not f]
-    full16 = [t for t, _ in steps("none", prompts)]
-    partial16 = [t for t, _ in steps("entropy", prompts)]
-    return {"full_ms": 1e3 * statistics.median(full), "partial_ms": 1e3 * statistics.median(partial),
-            "full16_ms": 1e3 * statistics.mean(full16), "partial16_ms": 1e3 * statistics.mean(partial16)}
+    result = {}
+    for name, (policy, count) in WORKLOADS.items():
+        runs = range(requests) if count == 1 else [0]
+        kept = [s for i in runs for s in steps(policy, prompts[i : i + count]) if policy == "none" or not s["full"]]
+        result[name] = {part: 1e3 * statistics.mean(s[part] for s in kept) for part in PARTS}
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(args.requests, args.cpu_time, args.compile)))
         return
     trees = {"base": args.base.resolve(), "this": HERE}
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+    results: dict[str, list[dict]] = {name: [] for name in trees}
     for round_ in range(args.rounds):
         for name, tree in trees.items():
             env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
@@ -87,13 +125,20 @@ def main(argv: list[str] | None = None) -> None:
             command += ["--cpu-time"] * args.cpu_time + ["--compile"] * (args.compile and name == "this")
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"round {round_ + 1} {name}: {results[name][-1]}", flush=True)
-    medians = {name: {m: statistics.median(r[m] for r in runs) for m in MEASURES} for name, runs in results.items()}
+            print(f"round {round_ + 1} {name}: " + ", ".join(f"{w} {r['total']:.2f} ms"
+                                                               for w, r in results[name][-1].items()), flush=True)
+    medians = {name: {w: {part: statistics.median(r[w][part] for r in runs) for part in PARTS} for w in WORKLOADS}
+               for name, runs in results.items()}
     clock = "CPU" if args.cpu_time else "wall"
-    print(f"\n{args.threads} threads, {args.rounds} rounds, medians ({clock} ms per step) and base / this:")
-    for m in MEASURES:
-        print(f"  {m:>13}: base {medians['base'][m]:8.2f}  this {medians['this'][m]:8.2f}  "
-              f"speedup {medians['base'][m] / medians['this'][m]:.2f}x")
+    print(f"\n{args.threads} threads, {args.rounds} rounds; medians over rounds of the mean {clock} ms per step\n")
+    print("| workload | checkout | " + " | ".join(PARTS) + " |\n|" + "---|" * (len(PARTS) + 2))
+    for w in WORKLOADS:
+        for name in trees:
+            print(f"| {w} | {name} | " + " | ".join(f"{medians[name][w][part]:.2f}" for part in PARTS) + " |")
+    print()
+    for w in WORKLOADS:
+        base, this = medians["base"][w]["total"], medians["this"][w]["total"]
+        print(f"{w:>10}: base {base:8.2f} ms, this {this:8.2f} ms per step: {base / this:.2f}x faster")
 
 
 if __name__ == "__main__":

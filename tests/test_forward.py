@@ -10,6 +10,7 @@ import torch
 
 from checkpoints import VOCAB, hf_bidirectional_logits, hf_oracle, write_checkpoint
 from dengine import ModelRunner, PagedKVCache, SequenceQuery, load_model
+from dengine.models.layers import enable_fusion
 from reference import dense_forward
 
 FAMILIES = ["llada", "dream"]
@@ -169,3 +170,18 @@ def test_dream_scores_position_i_at_i_minus_one(tmp_path, seed):
     assert model.query_positions_for(torch.tensor([0, 1, 5])).tolist() == [0, 0, 4]
     llada_folder, _ = write_checkpoint(tmp_path / "llada", "llada", seed=seed)
     assert load_model(llada_folder).query_positions_for(torch.tensor([0, 5])).tolist() == [0, 5]
+
+
+def test_fused_elementwise_steps_compute_what_eager_ones_compute(family_checkpoint, seed):
+    """compile=True: inductor's fused RMSNorm, RoPE and SwiGLU gate (here from one row on) against eager torch."""
+    family, folder, _ = family_checkpoint
+    model = load_model(folder, dtype="float32")
+    tokens = torch.randint(0, VOCAB, (40,))
+    query = [SequenceQuery(tokens, list(range(5)), torch.arange(40))]
+    eager = _runner(model, 8, 8).run(query)[0]
+    enable_fusion(1)
+    try:
+        fused = _runner(model, 8, 8).run(query)[0]
+    finally:
+        enable_fusion(None)
+    assert _rel_err(fused, eager) < 1e-5, family
