@@ -1,13 +1,13 @@
 """Portable backend: plain torch attention, on every device; the CPU default.
 
-Sequences with the same (query count, canvas length) go through one batched call of torch's
-scaled_dot_product_attention: in a batch of equal prompts every partial step is one call, not one per
-sequence, and nothing is ever padded. On CPU a sequence alone in its group, and every full recompute, is
-written out instead (two matmuls around an fp32 softmax), reading its keys in place when its blocks are
-adjacent: SDPA's CPU kernel costs more than the written-out attention once a sequence's scores are large
-(16 full recomputes of 179 positions, 8 heads of 32, bf16, one thread: SDPA 10.4 ms per layer, written out
-per sequence 6.4 ms; 16 partial steps of 18 rows: 1.5 and 1.6 ms). GQA folds each KV head's query heads
-into one matmul.
+Sequences with the same (query count, canvas length) are attended together: in a batch of equal prompts
+every step is one group, and nothing is ever padded. On GPU a group is one call of torch's
+scaled_dot_product_attention. On CPU it is written out (two batched matmuls around an fp32 softmax over
+contiguous keys and values), in chunks of sequences whose fp32 scores stay within about a core's L2, and a
+lone sequence whose blocks are adjacent reads its keys in place: torch's CPU SDPA kernel is slower
+(measured on a shared 2-core machine, bf16, 8 heads of 32 over 179 positions, one thread: 16 full
+recomputes 10.4 ms per layer against 6.4 ms written out per sequence; 16 partial steps of 18 rows 1.1 ms
+against 0.56 ms batched). GQA folds each KV head's query heads into one matmul.
 """
 
 from __future__ import annotations
@@ -36,8 +36,12 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Bidirectional attention of q [..., heads, n, d] over k, v [..., kv_heads, s, d]; softmax in fp32."""
-    out = torch.matmul(attention_probs(q, k).to(v.dtype), v)
+    out = torch.matmul(attention_probs(q, k).to(v.dtype), v.contiguous())
     return out.reshape(q.shape)
+
+
+# CPU: the fp32 scores of one batched attention call stay under this many bytes (about a core's L2)
+SCORES_BYTES = 2 << 20
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -50,46 +54,34 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def plan(self, batch: ForwardBatch) -> AttendFn:
-        # Group the sequences by shape (query len, canvas len). On CPU a group of one and a group of full
-        # recomputes are written out per sequence: (first row, query len, canvas len, key reader) each. The
-        # other groups go through one SDPA call each: (count, query len, canvas len, query rows, key slots);
-        # a single group covers every row and key in order, with nothing to gather or scatter.
+        # Group the sequences by shape: (count, query len, canvas len, query rows, key reader) per group.
+        # One group (the common case) covers every row and key in order: nothing to gather or scatter.
         members: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, shape in enumerate(zip(batch.query_lens, batch.seq_lens)):
             members[shape].append(index)
-        q_starts, k_starts = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
-        device, alone, together = batch.input_ids.device, [], []
-        for (q_len, s_len), indices in members.items():
-            if device.type == "cpu" and (len(indices) == 1 or q_len == s_len):
-                alone += [(q_starts[i], q_len, s_len, _keys(batch.kv_slots[k_starts[i] : k_starts[i] + s_len]))
-                          for i in indices]
-            elif len(members) == 1:
-                together.append((len(indices), q_len, s_len, None, batch.kv_slots))
-            else:
+        if len(members) == 1:
+            ((q_len, s_len), indices), = members.items()
+            groups = [(len(indices), q_len, s_len, None, _keys(batch.kv_slots))]
+        else:
+            q_starts, k_starts = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
+            device, groups = batch.input_ids.device, []
+            for (q_len, s_len), indices in members.items():
                 rows = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len) for i in indices]).to(device)
                 keys = torch.cat([torch.arange(k_starts[i], k_starts[i] + s_len) for i in indices]).to(device)
-                together.append((len(indices), q_len, s_len, rows, batch.kv_slots.index_select(0, keys)))
-        single = len(alone) + len(together) == 1
+                groups.append((len(indices), q_len, s_len, rows, _keys(batch.kv_slots.index_select(0, keys))))
+        attention = _sdpa if batch.input_ids.is_cuda else _chunked_math_attention
 
         def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
             heads, head_dim = q.shape[1:]
             kv_heads = key_cache.shape[-2]
             flat_k = key_cache.view(-1, kv_heads, head_dim)
             flat_v = value_cache.view(-1, kv_heads, head_dim)
-            out = None if single else torch.empty_like(q)
-            for start, q_len, s_len, keys in alone:
-                qs = q[start : start + q_len].view(1, q_len, heads, head_dim).transpose(1, 2)
-                ks = keys(flat_k).view(1, s_len, kv_heads, head_dim).transpose(1, 2)
-                vs = keys(flat_v).view(1, s_len, kv_heads, head_dim).transpose(1, 2)
-                os = math_attention(qs, ks, vs).transpose(1, 2).reshape(q_len, heads, head_dim)
-                if out is None:
-                    return os
-                out[start : start + q_len] = os
-            for count, q_len, s_len, rows, slots in together:
+            out = None if len(groups) == 1 else torch.empty_like(q)
+            for count, q_len, s_len, rows, keys in groups:
                 qg = (q if rows is None else q.index_select(0, rows)).view(count, q_len, heads, head_dim)
-                kg = flat_k.index_select(0, slots).view(count, s_len, kv_heads, head_dim)
-                vg = flat_v.index_select(0, slots).view(count, s_len, kv_heads, head_dim)
-                og = _sdpa(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)).transpose(1, 2)
+                kg = keys(flat_k).view(count, s_len, kv_heads, head_dim)
+                vg = keys(flat_v).view(count, s_len, kv_heads, head_dim)
+                og = attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)).transpose(1, 2)
                 og = og.reshape(count * q_len, heads, head_dim)
                 if out is None:
                     return og
@@ -97,6 +89,15 @@ class TorchAttentionBackend(AttentionBackend):
             return out
 
         return attend
+
+
+def _chunked_math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """math_attention over [count, heads, n, d] in chunks of sequences whose fp32 scores stay near the cache."""
+    per_chunk = max(1, SCORES_BYTES // (q.shape[1] * q.shape[2] * k.shape[2] * 4))
+    if per_chunk >= q.shape[0]:
+        return math_attention(q, k, v)
+    return torch.cat([math_attention(q[i : i + per_chunk], k[i : i + per_chunk], v[i : i + per_chunk])
+                      for i in range(0, q.shape[0], per_chunk)])
 
 
 def _keys(slots: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
