@@ -158,13 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block-length", type=int, default=None, help="default: the model's task's, else 32")
     parser.add_argument("--sampler", default="one-token", help="one-token, threshold:V or factor:V")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--compile", action="store_true", help="LLM(compile=True): fused elementwise steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json (and OUT.png with --plot)")
     parser.add_argument("--plot", action="store_true", help="throughput vs concurrency (with --concurrency)")
     parser.add_argument("--no-tqdm", action="store_true")
     args = parser.parse_args(argv)
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max([args.max_num_seqs, *(args.concurrency or [])]))
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max([args.max_num_seqs, *(args.concurrency or [])]),
+              compile=args.compile)
     task = task_of_folder(resolve_model(args.model))
     if task is None and args.prompt_source == "task":
         parser.error(f"{args.model} names no task (no task.json): use --prompt-source random")
@@ -175,6 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
     check = QuietCheck()
     peak = measured_peak_flops(llm.engine.device, dtype)
     use_tqdm = not args.no_tqdm
+    if args.compile:  # compile the fused steps before any timed run: one short batch of full recomputes
+        warm = base.replace(gen_length=base.resolved_block_length)
+        run(llm, make_prompts(llm, task, 16, args.input_len, args.seed), warm, 16, False, peak)
     results, pairs = [], []
     for name, config in policies:
         params = base.replace(cache_policy=name, cache_config=config)
