@@ -182,7 +182,7 @@ def test_random_real_format_checkpoint_loads_and_runs(family, tmp_path):
     assert config == {**width.REAL_CONFIGS[family], width.LAYERS[family]: 2, **narrow}
     model = load_model(folder, dtype="bfloat16")
     assert model.config.vocab_size == width.REAL_CONFIGS[family]["vocab_size"]
-    times = width.step_times(folder, canvas=40, rows=[1, 8, 40], block=4, repeats=1)
+    (times,) = width.step_times([folder], canvas=40, rows=[1, 8, 40], block=4, repeats=1)
     assert sorted(times) == [1, 8, 40] and all(t > 0 for t in times.values())
 
 

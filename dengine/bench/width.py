@@ -20,6 +20,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -94,29 +95,34 @@ def write_random_checkpoint(folder: Path, family: str, num_layers: int, seed: in
     return folder
 
 
-def step_times(folder: Path, canvas: int, rows: list[int], block: int, repeats: int) -> dict[int, float]:
-    """Median seconds of one step computing r rows of a canvas whose whole K/V is cached, per r in rows;
-    logits at up to block of the rows (a block's masks), as a decoding step reads them."""
-    model = load_model(folder, dtype="bfloat16")
+def step_times(folders: list[Path], canvas: int, rows: list[int], block: int, repeats: int,
+               clock: Callable[[], float] = time.perf_counter) -> list[dict[int, float]]:
+    """Per checkpoint folder, the median seconds (by clock) of one step computing r rows of a canvas whose
+    whole K/V is cached, per r in rows, logits at up to block of the rows (a block's masks) as a decoding
+    step reads them. The folders' models take turns at every repetition, so that a change in the machine's
+    load between them does not masquerade as a difference."""
     block_size = 16
-    tables = -(-canvas // block_size)
-    cache = PagedKVCache(model.config, tables, block_size, torch.bfloat16, "cpu")
-    runner = ModelRunner(model, cache)
-    tokens = torch.randint(0, model.config.vocab_size, (canvas,), generator=torch.Generator().manual_seed(0))
-    table = list(range(tables))
-    runner.run([SequenceQuery(tokens, table, torch.arange(canvas), logits_positions=torch.arange(block))])
-    out = {}
+    table = list(range(-(-canvas // block_size)))
+    runners, tokens = [], None
+    for folder in folders:
+        model = load_model(folder, dtype="bfloat16")
+        cache = PagedKVCache(model.config, len(table), block_size, torch.bfloat16, "cpu")
+        runners.append(ModelRunner(model, cache))
+        tokens = torch.randint(0, model.config.vocab_size, (canvas,), generator=torch.Generator().manual_seed(0))
+    for runner in runners:
+        runner.run([SequenceQuery(tokens, table, torch.arange(canvas), logits_positions=torch.arange(block))])
+    samples: list[dict[int, list[float]]] = [{r: [] for r in rows} for _ in folders]
     for r in rows:
         positions = torch.arange(canvas - r, canvas)
-        query = SequenceQuery(tokens, table, positions, logits_positions=positions[: min(r, block)])
-        runner.run([query])
-        samples = []
+        query = [SequenceQuery(tokens, table, positions, logits_positions=positions[: min(r, block)])]
+        for runner in runners:
+            runner.run(query)
         for _ in range(repeats):
-            start = time.perf_counter()
-            runner.run([query])
-            samples.append(time.perf_counter() - start)
-        out[r] = statistics.median(samples)
-    return out
+            for runner, times in zip(runners, samples):
+                start = clock()
+                runner.run(query)
+                times[r].append(clock() - start)
+    return [{r: statistics.median(times[r]) for r in rows} for times in samples]
 
 
 def interpolate(times: dict[int, float], r: float) -> float:
@@ -160,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--samplers", nargs="+", default=["one-token", "threshold:0.9"])
     parser.add_argument("--n", type=int, default=8, help="embedded-model problems whose schedules are recorded")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time steps by the process's CPU time instead of wall time (on a shared machine)")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
     args = parser.parse_args(argv)
 
@@ -169,12 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
     schedules = policy_schedules(args.family, args.samplers, args.n, args.gen_length, args.block_length)
     canvas = schedules[0]["canvas"]
     rows = sorted({*args.rows, canvas})
-    times = {}
-    for layers in args.layers:
-        folder = args.folder / f"{args.family}-{layers}-layers"
+    folders = [args.folder / f"{args.family}-{layers}-layers" for layers in args.layers]
+    for layers, folder in zip(args.layers, folders):
         if not (folder / INDEX_FILE).is_file():
             write_random_checkpoint(folder, args.family, layers)
-        times[layers] = step_times(folder, canvas, rows, args.block_length, args.repeats)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    times = dict(zip(args.layers, step_times(folders, canvas, rows, args.block_length, args.repeats, clock)))
     config = read_model_config(args.folder / f"{args.family}-{args.layers[0]}-layers")[1]
     full_layers = REAL_CONFIGS[args.family][LAYERS[args.family]]
     low, high = min(args.layers), max(args.layers)
@@ -184,12 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
     one_layer_flops = {r: r * flops_per_query_token(config, canvas) / config.num_layers for r in rows}
 
     lines = [f"canvas {canvas} positions, bf16, {torch.get_num_threads()} threads, measured peak "
-             f"{peak / 1e12:.2f} TFLOP/s; step time in ms\n",
-             "| rows | " + " | ".join(f"{n} layers" for n in args.layers) + " | one layer | one layer's MFU "
+             f"{peak / 1e12:.2f} TFLOP/s (wall); step time in ms ({'CPU' if args.cpu_time else 'wall'})\n",
+             "| rows | " + " | ".join(f"{n} layers" for n in args.layers) + " | one layer | one layer's TFLOP/s "
              f"| predicted {full_layers} layers |", "|" + "---|" * (len(args.layers) + 4)]
     for r in rows:
         lines.append(f"| {r} | " + " | ".join(f"{1e3 * times[n][r]:.1f}" for n in args.layers)
-                     + f" | {1e3 * per_layer[r]:.1f} | {one_layer_flops[r] / per_layer[r] / peak:.1%} "
+                     + f" | {1e3 * per_layer[r]:.1f} | {one_layer_flops[r] / per_layer[r] / 1e12:.3f} "
                      f"| {1e3 * full_model[r]:.0f} |")
     lines += ["", f"Policies at the papers' settings (gen {args.gen_length}, block {args.block_length}), rows "
                   f"recorded on {EMBEDDED[args.family]} ({args.n} problems), priced at the predicted "
