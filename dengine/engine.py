@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import time
 from collections.abc import Hashable
@@ -28,6 +29,23 @@ PromptType = str | dict[str, Any]
 
 DEFAULT_CPU_KV_FRACTION = 0.2
 DEFAULT_CUDA_KV_FRACTION = 0.8
+# glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit systems
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD = -1, -3, 32 << 20
+
+
+def keep_freed_memory() -> bool:
+    """glibc only, process-wide: serve a step's large temporaries (up to 32 MiB) from the heap and keep freed heap
+    memory, instead of mapping fresh pages for each of them (zeroed by page faults on first touch, unmapped on
+    free) whenever glibc's adaptive threshold is low. Measured on the 2-core CPU: 16 full recomputes of
+    llada-reverse 134-136 ms per step instead of 173-205 ms. Weights and the KV pool stay mapped. False where
+    there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 # With compile=True, steps of at least this many rows run compiled elementwise steps (measured: slower at one
 # sequence's 179 rows, faster at 16 x 179 on a 2-core CPU).
 FUSION_MIN_ROWS = 1024
@@ -62,6 +80,8 @@ class LLMEngine:
         backend = select_backend(self.device, attention_backend)
         # Process-wide: inductor fuses the layers' elementwise steps of large steps (first one compiles).
         enable_fusion(FUSION_MIN_ROWS if compile else None)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.model_path = Path(model)
         self.model = load_model(self.model_path, dtype=dtype, device=self.device)
         self.config = self.model.config

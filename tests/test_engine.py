@@ -310,3 +310,12 @@ def test_chat_and_text_prompts_through_a_real_tokenizer(tmp_path, seed):
     with pytest.raises(ValueError, match="has no tokenizer"):
         no_tokenizer.generate("Hello", params, use_tqdm=False)
     assert no_tokenizer.generate({"prompt_token_ids": [1, 2]}, params, use_tqdm=False)[0].text is None
+
+
+def test_freed_memory_is_kept_on_glibc():
+    """The CPU engine's malloc settings apply where glibc is the C library (mallopt accepts them)."""
+    import platform
+
+    from dengine.engine import keep_freed_memory
+
+    assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
