@@ -187,19 +187,29 @@ class LLMEngine:
 
     # -- outputs ----------------------------------------------------------------------------------
 
+    @property
+    def stop_token_ids(self) -> set[int]:
+        """EOS and end of turn: an answer ends before the first of them."""
+        return {self.config.eos_token_id, self.eot_token_id} - {None}
+
     def decode_text(self, token_ids: list[int]) -> str | None:
         """Text up to the first EOS / end-of-turn, special tokens skipped (None without a tokenizer)."""
         if self.tokenizer is None:
             return None
-        stops = {self.config.eos_token_id, self.eot_token_id}
+        stops = self.stop_token_ids
         end = next((i for i, token in enumerate(token_ids) if token in stops), len(token_ids))
         return self.tokenizer.decode(token_ids[:end], skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str | None:
+        """One token's text, special tokens by name (None without a tokenizer)."""
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def output(self, seq: Sequence) -> RequestOutput:
         m = seq.metrics
         end = m.finished_time or time.perf_counter()
         steps = max(m.steps, 1)
         token_ids = seq.generated_token_ids()
+        text = self.decode_text(token_ids)
         if seq.status is SequenceStatus.ABORTED:
             reason = "abort"
         else:
@@ -209,7 +219,7 @@ class LLMEngine:
             prompt=seq.prompt,
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=token_ids,
-            text=self.decode_text(token_ids),
+            text=text,
             finished=seq.status is SequenceStatus.FINISHED,
             finish_reason=reason,
             metrics=RequestMetrics(
@@ -227,4 +237,7 @@ class LLMEngine:
                 decision_seconds=m.decision_seconds,
                 stopped_early=seq.stopped_at is not None,
             ),
+            trace=None if seq.trace is None else seq.trace.build(
+                seq, self.token_text, model=self.model_path.name, family=self.config.model_type,
+                stop_token_ids=sorted(self.stop_token_ids), token_ids=token_ids, text=text),
         )

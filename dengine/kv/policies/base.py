@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import msgspec
 import torch
 
+from dengine.trace import Decision
+
 if TYPE_CHECKING:
     from dengine.decoding import StepOutcome
     from dengine.scheduler.sequence import Sequence
@@ -55,3 +57,10 @@ class CachePolicy:
 
     def observe(self, seq: Sequence, outcome: StepOutcome, full: bool) -> None:
         """Learn from the step just applied (its commits and whether it was a full recompute)."""
+
+    def decision(self, seq: Sequence) -> Decision:
+        """For traces, after a step (and its block change): whether the next step is full, and why."""
+        chosen = self.plan(seq)
+        if chosen is None:
+            return Decision(full=True, reason="full recompute")
+        return Decision(full=False, reason=f"{chosen.numel()} planned rows")

@@ -21,6 +21,7 @@ import msgspec
 import torch
 
 from dengine.kv.policies.base import CachePolicy
+from dengine.trace import Decision
 
 
 class DLLMCacheOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,3 +57,14 @@ class DLLMCache(CachePolicy):
 
     def observe(self, seq, outcome, full: bool) -> None:
         self.step += 1
+
+    def decision(self, seq) -> Decision:
+        prompt, response = self._refreshes()
+        refreshed = [name for name, refresh in (("prompt", prompt), ("response", response)) if refresh]
+        if response:
+            reason = " and ".join(refreshed) + " refresh"
+        else:
+            rows = seq.num_tokens - seq.prompt_len
+            reason = (f"{' and '.join(refreshed) + ' refresh; ' if prompt else ''}{int(self.options.rho * rows)} of "
+                      f"{rows} response rows recomputed per layer, by V similarity")
+        return Decision(full=prompt and response, reason=reason)
