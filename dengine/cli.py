@@ -3,6 +3,7 @@
     dengine demo [--model M] [--n 64]                      the main job (same as `python -m dengine`)
     dengine serve [--model M] [--replicas N] [--port P]    the OpenAI-compatible server on Ray Serve
     dengine bench {accuracy,policies,throughput,serve,drift} ... benchmarks (`dengine bench drift --help`)
+    dengine explore TRACE.json [...] -o page.html         the denoising trace explorer as one offline page
 """
 
 from __future__ import annotations
@@ -92,8 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
+    explore = commands.add_parser("explore", help="write the trace explorer page with traces embedded")
+    explore.add_argument("rest", nargs=argparse.REMAINDER)
+
     args = parser.parse_args(argv)
-    if args.command == "bench":
+    if args.command == "explore":
+        from dengine.explore import main as explore_main
+
+        explore_main(args.rest)
+    elif args.command == "bench":
         import importlib
 
         importlib.import_module(BENCHMARKS[args.which]).main(args.rest)

@@ -3,8 +3,8 @@ unknown fields and out-of-range values are errors) before anything reaches the e
 
 Diffusion options ride along as extra body fields (the `extra_body` of OpenAI's Python client):
 gen_length, block_length, steps, threshold, factor, remasking (or Dream's name `alg`), alg_temp, sigma,
-cfg_scale, stop_at_eos, cache_policy, cache_config, and `tau` / `k` as shorthands for the EntropyCache
-options. OpenAI's `max_tokens` is the generation length: a diffusion model decodes a canvas of exactly
+cfg_scale, stop_at_eos, cache_policy, cache_config, `tau` / `k` as shorthands for the EntropyCache
+options, and `trace` (the response then carries every denoising step; not with `stream`). OpenAI's `max_tokens` is the generation length: a diffusion model decodes a canvas of exactly
 that many positions (it may end early with EOS), so `max_tokens` and `gen_length` are the same field and
 giving both with different values is an error.
 """
@@ -19,6 +19,7 @@ import msgspec
 
 from dengine.outputs import RequestMetrics, RequestOutput
 from dengine.sampling_params import SamplingParams
+from dengine.trace import Trace
 
 
 class RequestError(ValueError):
@@ -64,11 +65,14 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cache_config: dict[str, Any] | None = None
     tau: float | None = None
     k: int | None = None
+    trace: bool = False  # the response carries every step (dengine.trace.Trace); not with stream
 
     def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
         """The request's SamplingParams over the server's defaults; RequestError naming the field if invalid."""
         if self.n != 1:
             raise RequestError("only n=1 is supported", param="n")
+        if self.trace and self.stream:
+            raise RequestError("trace comes with the whole response: it needs stream false", param="trace")
         if self.stop:
             raise RequestError("stop strings are not supported (the model ends its answer with EOS)", param="stop")
         if self.max_tokens is not None and self.gen_length is not None and self.max_tokens != self.gen_length:
@@ -84,7 +88,7 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             if self.steps is None and defaults.steps is not None:
                 changes["steps"] = None
         for name in ("block_length", "steps", "temperature", "top_p", "top_k", "seed", "threshold", "factor",
-                     "alg_temp", "sigma", "cfg_scale", "stop_at_eos", "cache_policy"):
+                     "alg_temp", "sigma", "cfg_scale", "stop_at_eos", "cache_policy", "trace"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value
@@ -160,6 +164,7 @@ class _Response(msgspec.Struct, kw_only=True):
 class CompletionResponse(_Response, kw_only=True):
     object: str = "text_completion"
     choices: list[CompletionChoice]
+    trace: Trace | None = None
 
 
 class ChatMessageOut(msgspec.Struct, omit_defaults=True):
@@ -183,6 +188,7 @@ class ChatDeltaChoice(msgspec.Struct):
 class ChatCompletionResponse(_Response, kw_only=True):
     object: str = "chat.completion"
     choices: list[ChatChoice]
+    trace: Trace | None = None
 
 
 class ChatCompletionChunk(_Response, kw_only=True):

@@ -5,6 +5,7 @@
     GET  /v1/models             the served model
     GET  /health                200 with the engine's queue and KV state
     GET  /metrics               Prometheus text format (this replica)
+    GET  /explore               the denoising trace explorer (dengine.explore), running prompts here
 
 A stream sends one event per decoded block (semi-AR blocks are final left to right), then one with the
 finish reason (and usage when `stream_options.include_usage`), then `data: [DONE]`.
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import Response, StreamingResponse
 
 from dengine.async_engine import AsyncLLMEngine, StreamChunk
+from dengine.explore import add_explore_route
 from dengine.sampling_params import SamplingParams
 from dengine.serve import protocol as p
 from dengine.serve.metrics import ServerMetrics
@@ -78,7 +80,7 @@ class OpenAIServer:
         response = p.CompletionResponse(
             id=response_id, created=created, model=self.model_name,
             choices=[p.CompletionChoice(0, output.text or "", p.finish_reason(output, self.stop_ids))],
-            usage=p.usage(output, self.stop_ids), dengine=output.metrics,
+            usage=p.usage(output, self.stop_ids), dengine=output.metrics, trace=output.trace,
         )
         return Response(msgspec.json.encode(response), media_type=JSON)
 
@@ -93,7 +95,7 @@ class OpenAIServer:
             id=response_id, created=created, model=self.model_name,
             choices=[p.ChatChoice(0, p.ChatMessageOut("assistant", output.text or ""),
                                   p.finish_reason(output, self.stop_ids))],
-            usage=p.usage(output, self.stop_ids), dengine=output.metrics,
+            usage=p.usage(output, self.stop_ids), dengine=output.metrics, trace=output.trace,
         )
         return Response(msgspec.json.encode(response), media_type=JSON)
 
@@ -212,4 +214,5 @@ def create_app(server: OpenAIServer) -> FastAPI:
     async def metrics() -> Response:
         return server.render_metrics()
 
+    add_explore_route(app)
     return app
