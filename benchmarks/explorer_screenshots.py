@@ -9,12 +9,14 @@ chromium-driver and selenium.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
 import msgspec
 from selenium import webdriver
 from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from dengine import LLM, SamplingParams
@@ -39,7 +41,7 @@ def traces(model: str) -> dict[str, list]:
         "compare": chat(SUDOKU, [base.replace(cache_policy="none"),
                                  base.replace(cache_policy="entropy", cache_config=never)]),
         "tree": chat(OPEN_SUDOKU, [base.replace(temperature=1.5, seed=seed) for seed in range(16)]),
-        "d2cache": chat(SUDOKU, [base.replace(cache_policy="d2cache", threshold=0.9)]),
+        "d2cache": chat(SUDOKU, [base.replace(cache_policy="d2cache")]),
     }
 
 
@@ -49,9 +51,11 @@ def shoot(driver, page: Path, view: str, png: Path, prepare=None) -> None:
         driver.find_element(By.CSS_SELECTOR, f"header button[data-view={view}]").click()
     if prepare:
         prepare(driver)
-    height = driver.execute_script("return document.body.scrollHeight")
-    driver.set_window_size(1200, height + 20)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 1200, "height": height, "deviceScaleFactor": 1, "mobile": False})
     driver.save_screenshot(str(png))
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     print(f"wrote {png}")
 
 
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     options = webdriver.ChromeOptions()
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,900"):
         options.add_argument(argument)
-    driver = webdriver.Chrome(options=options)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
     pages = Path(tempfile.mkdtemp(prefix="dengine-explorer-"))
     try:
         for model in ("llada-sudoku", "dream-sudoku"):

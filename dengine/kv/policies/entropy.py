@@ -69,5 +69,6 @@ class EntropyCache(CachePolicy):
         elif full:
             reason = "block start refresh"
         else:
-            reason = f"max entropy {self.last_entropy:.3g} <= tau {tau:g}: the block and {self.recent.numel()} recent"
+            reason = (f"max entropy {self.last_entropy:.3g} <= tau {tau:g}: the block's masks and the "
+                      f"{self.recent.numel()} latest commits")
         return Decision(full=full, reason=reason, signal=self.last_entropy, threshold=tau)
