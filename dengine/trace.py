@@ -88,7 +88,7 @@ class TraceRecorder:
         """Record the step seq just applied; called once seq has advanced its block."""
         probs = outcome.probs.double()
         tokens = outcome.tokens.tolist()
-        confidence = probs.gather(-1, outcome.tokens[:, None].to(probs.device)).squeeze(-1).tolist()
+        confidence = probs.gather(-1, outcome.tokens[:, None]).squeeze(-1).tolist()
         entropy = torch.special.entr(probs).sum(-1).tolist()
         top = probs.topk(min(NUM_ALTERNATIVES, probs.shape[-1]), dim=-1)
         commits = [

@@ -4,9 +4,10 @@ unknown fields and out-of-range values are errors) before anything reaches the e
 Diffusion options ride along as extra body fields (the `extra_body` of OpenAI's Python client):
 gen_length, block_length, steps, threshold, factor, remasking (or Dream's name `alg`), alg_temp, sigma,
 cfg_scale, stop_at_eos, cache_policy, cache_config, `tau` / `k` as shorthands for the EntropyCache
-options, and `trace` (the response then carries every denoising step; not with `stream`). OpenAI's `max_tokens` is the generation length: a diffusion model decodes a canvas of exactly
-that many positions (it may end early with EOS), so `max_tokens` and `gen_length` are the same field and
-giving both with different values is an error.
+options, and `trace` (the response then carries every denoising step; not with `stream`). OpenAI's
+`max_tokens` is the generation length: a diffusion model decodes a canvas of exactly that many positions
+(it may end early with EOS), so `max_tokens` and `gen_length` are the same field and giving both with
+different values is an error.
 """
 
 from __future__ import annotations

@@ -60,11 +60,10 @@ class DLLMCache(CachePolicy):
 
     def decision(self, seq) -> Decision:
         prompt, response = self._refreshes()
-        refreshed = [name for name, refresh in (("prompt", prompt), ("response", response)) if refresh]
         if response:
-            reason = " and ".join(refreshed) + " refresh"
+            reason = "prompt and response refresh" if prompt else "response refresh"
         else:
             rows = seq.num_tokens - seq.prompt_len
-            reason = (f"{' and '.join(refreshed) + ' refresh; ' if prompt else ''}{int(self.options.rho * rows)} of "
-                      f"{rows} response rows recomputed per layer, by V similarity")
+            reason = (f"{'prompt refresh; ' if prompt else ''}{int(self.options.rho * rows)} of {rows} response rows "
+                      "recomputed per layer, by V similarity")
         return Decision(full=prompt and response, reason=reason)
