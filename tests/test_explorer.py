@@ -189,6 +189,7 @@ def test_scrubber_shows_the_canvas_of_each_step(browser, sudoku, tmp_path, seed)
 
 def test_compare_mode_highlights_the_first_difference(browser, sudoku, tmp_path, seed):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     llm, task = sudoku
     problems = task.held_out(60)
@@ -202,7 +203,10 @@ def test_compare_mode_highlights_the_first_difference(browser, sudoku, tmp_path,
         if divergence is not None:
             break
     assert divergence is not None, "no puzzle where a never-refreshing cache changes the decoding"
-    element = _open(browser, tmp_path, [a, b])
+    element = _open(browser, tmp_path, [a])  # B comes through the page's file input, as a whole output
+    (tmp_path / "b.json").write_bytes(msgspec.json.encode({"trace": b}))
+    element("file").send_keys(str(tmp_path / "b.json"))
+    WebDriverWait(browser, 10).until(lambda _: element("status").text == "2 trace(s) loaded")
     browser.find_element(By.CSS_SELECTOR, "header button[data-view=compare]").click()
 
     note = element("first-divergence")
