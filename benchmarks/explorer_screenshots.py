@@ -77,6 +77,37 @@ def mark(driver) -> None:
     driver.find_element(By.ID, "tree-export-btn").click()
 
 
+def served_compare(driver, png: Path) -> None:
+    """The page as `dengine serve` serves it (here uvicorn in a thread, without Ray), after Run A and B."""
+    import socket
+    import threading
+
+    import uvicorn
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from dengine.async_engine import AsyncLLMEngine
+    from dengine.serve.server import OpenAIServer, create_app
+
+    engine = AsyncLLMEngine.from_model("llada-sudoku", dtype="float32", cache_policy="entropy")
+    app = create_app(OpenAIServer(engine, "llada-sudoku", SamplingParams(gen_length=24)))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    WebDriverWait(driver, 60).until(lambda _: server.started)
+    driver.get(f"http://127.0.0.1:{sock.getsockname()[1]}/explore")
+    prompt = driver.find_element(By.ID, "run-prompt")
+    prompt.clear()
+    prompt.send_keys(SUDOKU)
+    driver.find_element(By.ID, "run-config-b").send_keys('{"tau": 1e9, "k": 0}')
+    driver.find_element(By.ID, "run-compare").click()
+    WebDriverWait(driver, 60).until(lambda _: "loaded" in driver.find_element(By.ID, "status").text)
+    jump(driver)
+    driver.save_screenshot(str(png))
+    print(f"wrote {png}")
+    server.should_exit = True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/explorer"))
@@ -96,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                 view, prepare = {"steps": ("step", hover_step), "compare": ("compare", jump),
                                  "tree": ("tree", mark), "d2cache": ("step", hover_step)}[name]
                 shoot(driver, page, view, args.out / f"{model}-{name}.png", prepare)
+        served_compare(driver, args.out / "served-compare.png")
     finally:
         driver.quit()
 
