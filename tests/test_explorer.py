@@ -56,6 +56,11 @@ def _answer(trace: Trace) -> list[int]:
 # -- the server and the command -------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def sudoku():
+    return LLM("llada-sudoku", dtype="float32"), get_task("sudoku4")
+
+
 def test_server_returns_the_trace_with_a_whole_response_only(chat_folders, seed):
     engine = LLMEngine(chat_folders["llada"], dtype="float32", kv_cache_memory=1 << 22, block_size=8)
     server = OpenAIServer(AsyncLLMEngine(engine), "tiny", SamplingParams(gen_length=16, block_length=8))
@@ -81,8 +86,8 @@ def test_server_returns_the_trace_with_a_whole_response_only(chat_folders, seed)
         assert not re.search(r"<(script|link)[^>]+(src|href)=", page.text), "the page loads nothing from outside"
 
 
-def test_explore_command_embeds_every_trace_and_names_bad_files(tmp_path, capsys, seed):
-    llm = LLM("llada-sudoku", dtype="float32")
+def test_explore_command_embeds_every_trace_and_names_bad_files(sudoku, tmp_path, capsys, seed):
+    llm, _ = sudoku
     outputs = llm.generate(["Complete the sudoku 1..."] * 2,
                            [SamplingParams(gen_length=8, temperature=1.0, seed=seed + i, trace=True) for i in range(2)],
                            use_tqdm=False)
@@ -127,11 +132,6 @@ def browser():
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
     yield driver
     driver.quit()
-
-
-@pytest.fixture(scope="module")
-def sudoku():
-    return LLM("llada-sudoku", dtype="float32"), get_task("sudoku4")
 
 
 def _chat(question: str) -> list[dict[str, str]]:
