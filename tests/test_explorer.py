@@ -83,7 +83,7 @@ def test_server_returns_the_trace_with_a_whole_response_only(chat_folders, seed)
         page = client.get("/explore")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "dengine explorer" in page.text and '"d2cache"' in page.text
-        assert not re.search(r"<(script|link)[^>]+(src|href)=", page.text), "the page loads nothing from outside"
+        assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"(?!data:)", page.text), "nothing from outside"
 
 
 def test_explore_command_embeds_every_trace_and_names_bad_files(sudoku, tmp_path, capsys, seed):
@@ -323,6 +323,7 @@ def test_the_served_page_runs_prompts_on_its_server(browser, live_server):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(f"{live_server}/explore")
+    assert browser.get_log("browser") == []
     element = lambda element_id: browser.find_element(By.ID, element_id)  # noqa: E731
     status = element("status")
     assert "offline" not in status.text and element("run-compare").is_enabled()
