@@ -21,14 +21,15 @@ def _llm(folder, policy, config):
 
 
 def _requests(family, seed, n=3):
+    """n requests with random settings; the first uses guidance (LLaDA), the second stops at EOS."""
     rng = random.Random(seed)
     prompts = [{"prompt_token_ids": [rng.randrange(300) for _ in range(rng.randint(3, 9))]} for _ in range(n)]
     params = [SamplingParams(gen_length=24, block_length=rng.choice([8, 24]), steps=rng.choice([12, 24]),
                              threshold=rng.choice([None, 0.3]), temperature=rng.choice([0.0, 0.9]),
-                             seed=rng.randrange(1000), stop_at_eos=rng.random() < 0.3,
-                             cfg_scale=rng.choice([0.0, 1.0]) if family == "llada" else 0.0,
+                             seed=rng.randrange(1000), stop_at_eos=i == 1 or rng.random() < 0.3,
+                             cfg_scale=1.0 if family == "llada" and (i == 0 or rng.random() < 0.3) else 0.0,
                              remasking="low_confidence" if family == "llada" else "maskgit_plus",
-                             trace=True) for _ in range(n)]
+                             trace=True) for i in range(n)]
     return prompts, params
 
 
