@@ -199,7 +199,7 @@ def test_models_health_metrics_and_unknown_model(client):
     for name in ("dengine_requests_total", "dengine_queue_length", "dengine_running_sequences",
                  "dengine_kv_cache_usage", "dengine_full_recompute_rate", "dengine_tokens_per_second"):
         assert name in metrics
-    assert 'endpoint="completions",model="tiny",status="400"' in metrics
+    assert 'endpoint="completions",model="tiny",replica="local",status="400"' in metrics
 
 
 @pytest.mark.parametrize("method, path, status", [("get", "/v1/nowhere", 404), ("get", "/v1/completions", 405),

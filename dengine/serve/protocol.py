@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Literal
 
 import msgspec
+from starlette.responses import Response
 
 from dengine.outputs import RequestMetrics, RequestOutput
 from dengine.sampling_params import SamplingParams
@@ -215,6 +216,21 @@ class ErrorResponse(msgspec.Struct):
 
 def error_body(error: RequestError) -> bytes:
     return msgspec.json.encode(ErrorResponse(ErrorBody(str(error), error.kind, error.param, error.code)))
+
+
+def error_response(error: RequestError, headers: dict[str, str] | None = None) -> Response:
+    """The HTTP response of a refused request: OpenAI's error body with the error's status."""
+    return Response(error_body(error), status_code=error.status, media_type="application/json", headers=headers)
+
+
+def body_too_large(limit: int) -> RequestError:
+    return RequestError(f"the request body is larger than this server's limit of {limit} bytes", status=413,
+                        code="request_too_large")
+
+
+def error_event(error: RequestError) -> bytes:
+    """A server-sent event carrying an error in OpenAI's shape (a stream that cannot go on ends with it)."""
+    return b"data: " + error_body(error) + b"\n\n"
 
 
 def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
