@@ -50,11 +50,36 @@ def _serve(args: argparse.Namespace) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("dengine: stopping; requests still in flight are cut off", flush=True)
+        _drain(args.grace_period)
     serve.shutdown()
     if args.ray_address is None:
         ray.shutdown()  # the local Ray this command started; a cluster given by --ray-address stays up
     print("dengine: stopped", flush=True)
+
+
+def _drain(grace_s: float) -> None:
+    """New requests get 503; those in flight have grace_s seconds to finish (a second Ctrl-C cuts it short)."""
+    from ray import serve
+
+    print(f"dengine: stopping; new requests get 503, requests in flight have {grace_s:g} s to finish", flush=True)
+    try:
+        left = serve.get_app_handle("dengine").drain.remote(grace_s).result(timeout_s=grace_s + 30)
+    except KeyboardInterrupt:
+        print("dengine: interrupted again; requests still in flight are cut off", flush=True)
+        return
+    except Exception as exc:  # the application never started, or its router is gone: nothing to drain
+        print(f"dengine: nothing to drain ({type(exc).__name__})", flush=True)
+        return
+    print("dengine: every request in flight finished" if not left else
+          f"dengine: grace period over; {left} request(s) still in flight are cut off", flush=True)
+
+
+def _memory(text: str) -> int | float:
+    """--kv-cache-memory: an integer is bytes, anything else a fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _interrupt(signum, frame) -> None:
@@ -82,10 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--cache-policy", default="entropy")
     serve.add_argument("--cache-config", default=None, help='JSON, e.g. \'{"tau": 0.05, "k": 8}\'')
     serve.add_argument("--max-num-seqs", type=int, default=64)
-    serve.add_argument("--kv-cache-memory", type=float, default=None, help="bytes, or a fraction of free memory")
+    serve.add_argument("--kv-cache-memory", type=_memory, default=None,
+                       help="KV pool per replica: bytes (an integer), or a fraction of the device's total memory "
+                            "(default 0.2 on CPU, 0.8 on GPU)")
     serve.add_argument("--gen-length", type=int, default=None,
                        help="when a request sets no max_tokens (default: the model's task's, else 128)")
     serve.add_argument("--block-length", type=int, default=None, help="default: the model's task's, else 32")
+    serve.add_argument("--grace-period", type=float, default=30.0,
+                       help="seconds requests in flight get to finish on SIGTERM / Ctrl-C (default 30)")
 
     bench = commands.add_parser(
         "bench", help="benchmarks: accuracy, policies, throughput (offline), serve (load on a server)")
