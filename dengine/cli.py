@@ -40,7 +40,13 @@ def _serve(args: argparse.Namespace) -> None:
                     model_name=args.served_model_name, defaults=defaults, **engine_kwargs)
     # a busy machine starts Serve's HTTP proxy slowly; Serve's default 5 s readiness check would kill it
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-    ray.init(address=args.ray_address, ignore_reinit_error=True)
+    # a terminal's Ctrl-C signals the whole foreground process group: the processes ray.init starts inherit
+    # SIGINT ignored, so the HTTP proxy and the replicas keep serving while this process drains them
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.init(address=args.ray_address, ignore_reinit_error=True)
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, whose own handler dumps a stack and aborts
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

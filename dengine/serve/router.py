@@ -171,6 +171,11 @@ class Relay:
                         yield DONE
                         return
                     self.resumed_streams += 1
+                except Exception as exc:  # not a dead replica: the stream cannot go on, and says so
+                    logger.exception("stream failed")
+                    yield p.error_event(p.RequestError(f"internal error: {exc}", status=500, kind="server_error"))
+                    yield DONE
+                    return
         finally:
             self.in_flight -= 1
             await _close(parts)
@@ -204,6 +209,8 @@ class Relay:
 
 async def _close(parts) -> None:
     """Stop an engine answer the relay no longer reads (cancels the request on its replica)."""
+    if parts is None:
+        return
     cancel = getattr(parts, "cancel", None)
     if cancel is not None:
         cancel()
@@ -226,7 +233,11 @@ def router_app(relay: Relay, get: Callable[[str], Any], model_name: str, max_bod
             body = await read_body(request, max_body_bytes)
         except p.RequestError as error:
             return p.error_response(error)
-        return await relay.forward(endpoint, body)
+        try:
+            return await relay.forward(endpoint, body)
+        except Exception as exc:  # not a dead replica (those are retried): the request fails in OpenAI's shape
+            logger.exception("request failed")
+            return p.error_response(p.RequestError(f"internal error: {exc}", status=500, kind="server_error"))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
