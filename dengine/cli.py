@@ -2,7 +2,7 @@
 
     dengine demo [--model M] [--n 64]                      the main job (same as `python -m dengine`)
     dengine serve [--model M] [--replicas N] [--port P]    the OpenAI-compatible server on Ray Serve
-    dengine bench {accuracy,policies,throughput,serve,drift} ... benchmarks (`dengine bench drift --help`)
+    dengine bench {accuracy,policies,throughput,serve,drift,chaos} ... benchmarks (`dengine bench chaos --help`)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 BENCHMARKS = {"accuracy": "dengine.bench.accuracy", "policies": "dengine.bench.policies",
               "throughput": "dengine.bench.throughput", "serve": "dengine.bench.serve_load",
-              "drift": "dengine.bench.drift"}
+              "drift": "dengine.bench.drift", "chaos": "dengine.bench.chaos"}
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="seconds requests in flight get to finish on SIGTERM / Ctrl-C (default 30)")
 
     bench = commands.add_parser(
-        "bench", help="benchmarks: accuracy, policies, throughput (offline), serve (load on a server)")
+        "bench", help="benchmarks: accuracy, policies, throughput (offline), serve (load on a server), drift, chaos "
+                      "(a replica killed under load)")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 

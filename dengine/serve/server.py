@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import Response, StreamingResponse
 
 from dengine.async_engine import AsyncLLMEngine, StreamChunk
+from dengine.llm import chat_prompt
 from dengine.sampling_params import SamplingParams
 from dengine.serve import protocol as p
 from dengine.serve.metrics import ServerMetrics
@@ -67,10 +68,8 @@ class OpenAIServer:
 
     def _chat_prompt(self, request: p.ChatCompletionRequest) -> dict[str, list[int]]:
         """The chat rendered by the model's template and tokenized (a worker thread calls this)."""
-        tokenizer = self.engine.engine.tokenizer
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        return chat_prompt(self.engine.engine.tokenizer, messages)
 
     async def _queue(self, request: p.DiffusionFields, prompt) -> str:
         """Validate and queue; tokenization (and the chat template) run in a worker thread."""
