@@ -144,16 +144,16 @@ BAD_REQUESTS = [
     ("/v1/completions", b"{not json", None),
     ("/v1/completions", {"prompt": 5}, "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, None),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, None),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 24, "block_length": 16}, None),
     ("/v1/completions", {"prompt": "x", "max_tokens": 8, "gen_length": 16}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
     ("/v1/completions", {"prompt": "x", "stop": ["\n"]}, "stop"),
-    ("/v1/completions", {"prompt": "x", "cache_policy": "nonsense"}, None),
+    ("/v1/completions", {"prompt": "x", "cache_policy": "nonsense"}, "cache_policy"),
     ("/v1/completions", {"prompt": "x", "cache_policy": "dual", "tau": 0.3}, None),
-    ("/v1/completions", {"prompt": "x", "top_p": 0.9}, None),  # Dream-only option on a LLaDA model
-    ("/v1/completions", {"prompt": "x", "top_k": 5}, None),  # likewise; only "off" (0 / -1) is accepted
+    ("/v1/completions", {"prompt": "x", "top_p": 0.9}, "top_p"),  # Dream-only option on a LLaDA model
+    ("/v1/completions", {"prompt": "x", "top_k": 5}, "top_k"),  # likewise; only "off" (0 / -1) is accepted
     ("/v1/completions", {"prompt": "x", "top_k": -2}, "top_k"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -5}, "max_tokens"),  # named as sent, not gen_length
     ("/v1/completions", {"prompt": "x", "gen_length": -5}, "gen_length"),
@@ -161,11 +161,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": 16, "steps": 1000000000}, "steps"),  # bounded work
     ("/v1/completions", {"prompt": "x", "temperature": 1e30}, "temperature"),
     ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed"),
-    ("/v1/completions", {"prompt": "x", "sigma": 0}, None),
-    ("/v1/completions", {"prompt": "x", "cache_policy": "dllm", "cache_config": {"rho": 2}}, None),
-    ("/v1/completions", {"prompt": ""}, None),
-    ("/v1/completions", {"prompt": [1, 2, 10**6]}, None),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, None),  # larger than the model or the KV pool
+    ("/v1/completions", {"prompt": "x", "sigma": 0}, "sigma"),
+    ("/v1/completions", {"prompt": "x", "cache_policy": "dllm", "cache_config": {"rho": 2}}, "cache_config"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 10**6]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, "prompt"),  # larger than the model or the KV pool
+    ("/v1/completions", {"model": "tiny"}, "prompt"),  # missing
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}], "max_tokens": 2000}, "messages"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
 ]

@@ -11,6 +11,7 @@ giving both with different values is an error.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -238,10 +239,19 @@ def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        path = str(exc).rsplit("at `$.", 1)
-        raise RequestError(str(exc), param=path[1].rstrip("`").split("[")[0] if len(path) == 2 else None) from None
+        raise RequestError(str(exc), param=_field_at_fault(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise RequestError(f"malformed JSON: {exc}") from None
+
+
+def _field_at_fault(message: str) -> str | None:
+    """The top-level field a msgspec error is about: its path (`- at `$.max_tokens``), else the field it names
+    (`Object contains unknown field `bogus``, `Object missing required field `prompt``)."""
+    path = message.rsplit("at `$.", 1)
+    if len(path) == 2:
+        return path[1].rstrip("`").split("[")[0].split(".")[0]
+    named = re.search(r"field `([^`]+)`$", message)
+    return named.group(1) if named else None
 
 
 def new_id(prefix: str) -> str:

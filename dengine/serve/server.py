@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import Response, StreamingResponse
 
 from dengine.async_engine import AsyncLLMEngine, StreamChunk
+from dengine.engine import PromptError
 from dengine.llm import chat_prompt
 from dengine.sampling_params import SamplingParams
 from dengine.serve import protocol as p
@@ -79,8 +80,11 @@ class OpenAIServer:
             if isinstance(request, p.ChatCompletionRequest):
                 prompt = await asyncio.to_thread(self._chat_prompt, request)
             return await self.engine.add_request_async(prompt, params)
-        except ValueError as exc:  # bad prompt, options the family lacks, unknown cache options, too large
-            raise p.RequestError(str(exc)) from None
+        except PromptError as exc:  # empty, not the vocabulary's tokens, too long for the model
+            field = "messages" if isinstance(request, p.ChatCompletionRequest) else "prompt"
+            raise p.RequestError(str(exc), param=field, code=exc.code) from None
+        except ValueError as exc:  # options the family lacks, unknown cache options, too large for the pool
+            raise request.field_error(str(exc)) from None
 
     # -- the one entry point of POSTed requests ----------------------------------------------------
 
