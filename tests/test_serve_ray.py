@@ -101,7 +101,11 @@ def test_completions_and_chat_over_http_streamed_and_not(url):
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
     assert text == whole["choices"][0]["message"]["content"]
     assert requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "tiny"
-    assert "dengine_requests_total" in requests.get(f"{url}/metrics", timeout=10).text
+    metrics = requests.get(f"{url}/metrics", timeout=10)
+    replica = metrics.headers["X-Dengine-Replica"]
+    assert f'replica="{replica}"' in metrics.text and "dengine_requests_total" in metrics.text
+    health = requests.get(f"{url}/health", timeout=10).json()
+    assert f"SERVE_REPLICA::dengine#engine#{health['replica']}" in _replicas()
 
 
 def test_32_concurrent_mixed_requests_all_complete_with_correct_outputs(url, chat_folders, seed):
