@@ -86,6 +86,15 @@ def test_server_returns_the_trace_with_a_whole_response_only(chat_folders, seed)
         assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"(?!data:)", page.text), "nothing from outside"
 
 
+def test_the_router_in_front_of_the_engines_serves_the_same_page():
+    from dengine.explore import render_page
+    from dengine.serve.router import Relay, router_app
+
+    app = router_app(Relay(lambda *call: None, (), retry_timeout_s=1), lambda what: None, "tiny", 1 << 20)
+    with TestClient(app) as client:
+        assert client.get("/explore").text == render_page()
+
+
 def test_explore_command_embeds_every_trace_and_names_bad_files(sudoku, tmp_path, capsys, seed):
     llm, _ = sudoku
     outputs = llm.generate(["Complete the sudoku 1..."] * 2,

@@ -12,11 +12,13 @@ different values is an error.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
 
 import msgspec
+from starlette.responses import Response
 
 from dengine.outputs import RequestMetrics, RequestOutput
 from dengine.sampling_params import SamplingParams
@@ -224,15 +226,39 @@ def error_body(error: RequestError) -> bytes:
     return msgspec.json.encode(ErrorResponse(ErrorBody(str(error), error.kind, error.param, error.code)))
 
 
+def error_response(error: RequestError, headers: dict[str, str] | None = None) -> Response:
+    """The HTTP response of a refused request: OpenAI's error body with the error's status."""
+    return Response(error_body(error), status_code=error.status, media_type="application/json", headers=headers)
+
+
+def body_too_large(limit: int) -> RequestError:
+    return RequestError(f"the request body is larger than this server's limit of {limit} bytes", status=413,
+                        code="request_too_large")
+
+
+def error_event(error: RequestError) -> bytes:
+    """A server-sent event carrying an error in OpenAI's shape (a stream that cannot go on ends with it)."""
+    return b"data: " + error_body(error) + b"\n\n"
+
+
 def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
     """Strictly decode a request body; RequestError (400) for malformed JSON, wrong types, unknown fields."""
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        path = str(exc).rsplit("at `$.", 1)
-        raise RequestError(str(exc), param=path[1].rstrip("`").split("[")[0] if len(path) == 2 else None) from None
+        raise RequestError(str(exc), param=_field_at_fault(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise RequestError(f"malformed JSON: {exc}") from None
+
+
+def _field_at_fault(message: str) -> str | None:
+    """The top-level field a msgspec error is about: its path (`- at `$.max_tokens``), else the field it names
+    (`Object contains unknown field `bogus``, `Object missing required field `prompt``)."""
+    path = message.rsplit("at `$.", 1)
+    if len(path) == 2:
+        return path[1].rstrip("`").split("[")[0].split(".")[0]
+    named = re.search(r"field `([^`]+)`$", message)
+    return named.group(1) if named else None
 
 
 def new_id(prefix: str) -> str:
