@@ -265,6 +265,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def response_id(endpoint: str) -> str:
+    """A new id for a response of `endpoint` ("completions" or "chat_completions"), as OpenAI prefixes them."""
+    return new_id("cmpl" if endpoint == "completions" else "chatcmpl")
+
+
 def now() -> int:
     return int(time.time())
 

@@ -24,13 +24,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response, StreamingResponse
 
-from dengine.explore import add_explore_route
 from dengine.sampling_params import MAX_SEED
 from dengine.serve import protocol as p
-from dengine.serve.server import install_error_handlers, read_body
+from dengine.serve.server import openai_app
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ class Relay:
             return p.error_response(p.RequestError("the server is shutting down; send the request again later",
                                                    status=503, kind="server_error", code="shutting_down"))
         body, stream = with_seed(body, self.rng)
-        response_id, created = p.new_id("cmpl" if endpoint == "completions" else "chatcmpl"), p.now()
+        response_id, created = p.response_id(endpoint), p.now()
         self.in_flight += 1
         handed_on = False
         try:
@@ -226,44 +225,22 @@ def _unavailable() -> Response:
 
 def router_app(relay: Relay, get: Callable[[str], Any], model_name: str, max_body_bytes: int) -> FastAPI:
     """The HTTP face of the application: POSTs through the relay, GETs answered by one engine replica."""
-    app = FastAPI(title="dengine", docs_url=None, redoc_url=None)
-    install_error_handlers(app)
 
-    async def post(endpoint: str, request: Request) -> Response:
-        try:
-            body = await read_body(request, max_body_bytes)
-        except p.RequestError as error:
-            return p.error_response(error)
+    async def post(endpoint: str, body: bytes) -> Response:
         try:
             return await relay.forward(endpoint, body)
         except Exception as exc:  # not a dead replica (those are retried): the request fails in OpenAI's shape
             logger.exception("request failed")
             return p.error_response(p.RequestError(f"internal error: {exc}", status=500, kind="server_error"))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await post("completions", request)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await post("chat_completions", request)
-
-    @app.get("/v1/models")
-    async def models() -> Response:
-        return Response(msgspec.json.encode(p.ModelList([p.ModelCard(model_name)])), media_type="application/json")
-
-    @app.get("/health")
-    async def health() -> Response:
-        """The answering engine replica's health (which one, in its body and header); 503 while draining."""
-        if relay.draining:
+    async def answer(what: str) -> Response:
+        """/v1/models here; /health and /metrics from the engine replica the call lands on (named in its
+        header and labels); /health is 503 while draining."""
+        if what == "models":
+            return Response(msgspec.json.encode(p.ModelList([p.ModelCard(model_name)])), media_type="application/json")
+        if what == "health" and relay.draining:
             return p.error_response(p.RequestError("the server is shutting down", status=503, kind="server_error",
                                                    code="shutting_down"))
-        return await get("health")
+        return await get(what)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        """The answering engine replica's metrics, every sample labelled with that replica's name."""
-        return await get("metrics")
-
-    add_explore_route(app)
-    return app
+    return openai_app(post, answer, max_body_bytes)

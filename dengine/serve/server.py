@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -100,7 +100,7 @@ class OpenAIServer:
         try:
             if len(body) > self.max_body_bytes:
                 raise p.body_too_large(self.max_body_bytes)
-            response = await handler(body, response_id or p.new_id(_ID_PREFIX[endpoint]), created or p.now())
+            response = await handler(body, response_id or p.response_id(endpoint), created or p.now())
         except p.RequestError as error:
             response = p.error_response(error)
         except Exception as exc:  # an engine failure: the request fails, the server keeps serving
@@ -216,7 +216,6 @@ class OpenAIServer:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-_ID_PREFIX = {"completions": "cmpl", "chat_completions": "chatcmpl"}
 REPLICA_HEADER = "X-Dengine-Replica"
 
 
@@ -257,38 +256,49 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def create_app(server: OpenAIServer) -> FastAPI:
-    """The FastAPI app of one server; every refused request gets OpenAI's error shape."""
+def openai_app(post: Callable[[str, bytes], Awaitable[Response]], get: Callable[[str], Awaitable[Response]],
+               max_body_bytes: int, refused: Callable[[str, int], None] | None = None) -> FastAPI:
+    """The routes of every dengine HTTP face: POSTs (body read within max_body_bytes) to `post(endpoint,
+    body)`, GETs to `get("models" | "health" | "metrics")`; every refusal in OpenAI's error shape."""
     app = FastAPI(title="dengine", docs_url=None, redoc_url=None)
     install_error_handlers(app)
 
-    async def post(endpoint: str, request: Request) -> Response:
+    async def read_and_post(endpoint: str, request: Request) -> Response:
         try:
-            body = await read_body(request, server.max_body_bytes)
+            body = await read_body(request, max_body_bytes)
         except p.RequestError as error:
-            server.metrics.request(endpoint, error.status)
+            if refused is not None:
+                refused(endpoint, error.status)
             return p.error_response(error)
-        return await server.respond(endpoint, body)
+        return await post(endpoint, body)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await post("completions", request)
+        return await read_and_post("completions", request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await post("chat_completions", request)
+        return await read_and_post("chat_completions", request)
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return server.models()
+        return await get("models")
 
     @app.get("/health")
     async def health() -> Response:
-        return server.health()
+        return await get("health")
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return server.render_metrics()
+        return await get("metrics")
 
     add_explore_route(app)
     return app
+
+
+def create_app(server: OpenAIServer) -> FastAPI:
+    """The FastAPI app of one server (in process, no router)."""
+    async def get(what: str) -> Response:
+        return {"models": server.models, "health": server.health, "metrics": server.render_metrics}[what]()
+
+    return openai_app(server.respond, get, server.max_body_bytes, server.metrics.request)
