@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dengine", "dengine.*"]),
-    package_data={"dengine": ["assets/*/*.json", "assets/*/*.safetensors", "assets/*/*.md"]},
+    package_data={"dengine": ["assets/*/*.json", "assets/*/*.safetensors", "assets/*/*.md", "explore/*.html"]},
     install_requires=[
         "torch>=2.5",
         "transformers>=5.0",
@@ -24,7 +24,7 @@ setup(
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "serve": ["ray[serve]>=2.40", "fastapi>=0.110", "prometheus-client>=0.17"],
         "bench": ["matplotlib>=3.7", "httpx>=0.24"],
-        "test": ["pytest>=8", "hypothesis>=6", "httpx>=0.24", "openai>=1.0"],
+        "test": ["pytest>=8", "hypothesis>=6", "httpx>=0.24", "openai>=1.0", "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["dengine=dengine.cli:main"]},
 )

@@ -1,7 +1,7 @@
 """dengine: a serving engine for diffusion language models (LLaDA, Dream)."""
 
 from dengine.config import CheckpointError, ModelConfig
-from dengine.engine import LLMEngine
+from dengine.engine import LLMEngine, PromptError
 from dengine.llm import LLM
 from dengine.outputs import RequestMetrics, RequestOutput
 from dengine.sampling_params import SamplingParams
@@ -19,6 +19,7 @@ __all__ = [
     "LLMEngine",
     "ModelConfig",
     "ModelRunner",
+    "PromptError",
     "PagedKVCache",
     "RequestMetrics",
     "RequestOutput",

@@ -7,16 +7,19 @@ final text. Leaving the stream early (client disconnect, task cancellation, `bre
 and frees its KV blocks.
 
 Only the loop touches the engine's mutable state: requests are validated when they arrive (bad input
-raises at once, nothing queued) and handed to the loop, which adds and aborts them between steps and runs
-each step in a worker thread so the event loop stays responsive.
+raises at once, nothing queued; `add_request_async` tokenizes and validates in a worker thread) and handed
+to the loop, which adds and aborts them between steps and runs each step in a worker thread so the event
+loop stays responsive. `on_stats`, when set, sees a fresh EngineStats after aborts, at least every
+STATS_INTERVAL_S while stepping, and whenever the engine goes idle, so gauges built on it never go stale.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -27,6 +30,7 @@ from dengine.sampling_params import SamplingParams
 from dengine.scheduler.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+STATS_INTERVAL_S = 0.5
 
 
 class StreamChunk(msgspec.Struct, kw_only=True):
@@ -74,6 +78,9 @@ class AsyncLLMEngine:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._steps = self._tokens = self._recomputes = self._finished = 0
+        self.on_stats: Callable[[EngineStats], None] | None = None
+        self._stats_time = 0.0
+        self._stats_changed = False
 
     @classmethod
     def from_model(cls, model: Any = None, **engine_kwargs: Any) -> AsyncLLMEngine:
@@ -86,14 +93,28 @@ class AsyncLLMEngine:
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Validate and queue one request, returning its id; raises ValueError (nothing queued) for bad input."""
+        request_id = self._free_id(request_id)
+        return self._queue(self.engine.make_sequence(request_id, prompt, params))
+
+    async def add_request_async(self, prompt: PromptType, params: SamplingParams | None = None,
+                                request_id: str | None = None) -> str:
+        """add_request with tokenization and validation in a worker thread: a long prompt stalls no stream."""
+        request_id = self._free_id(request_id)
+        return self._queue(await asyncio.to_thread(self.engine.make_sequence, request_id, prompt, params))
+
+    def _free_id(self, request_id: str | None) -> str:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        stream = _Stream(self.engine.make_sequence(request_id, prompt, params))
-        self._streams[request_id] = stream
+        return request_id
+
+    def _queue(self, seq: Sequence) -> str:
+        self._free_id(seq.request_id)  # another request may have taken the id while this one was tokenized
+        stream = _Stream(seq)
+        self._streams[seq.request_id] = stream
         self._pending.append(stream)
         self._ensure_loop()
-        return request_id
+        return seq.request_id
 
     async def stream(self, request_id: str) -> AsyncIterator[StreamChunk]:
         """The chunks of a queued request; leaving early (break, cancel, disconnect) aborts it."""
@@ -136,7 +157,8 @@ class AsyncLLMEngine:
             self._pending.remove(stream)
         else:
             self._aborts.append(request_id)
-            self._wake()
+        self._stats_changed = True
+        self._wake()
 
     def stats(self) -> EngineStats:
         manager = self.engine.kv_manager
@@ -176,6 +198,15 @@ class AsyncLLMEngine:
             self._loop_task = loop.create_task(self._run())
         self._wake()
 
+    def _publish_stats(self, force: bool) -> None:
+        if self.on_stats is None or not (force or time.monotonic() - self._stats_time >= STATS_INTERVAL_S):
+            return
+        self._stats_time, self._stats_changed = time.monotonic(), False
+        try:
+            self.on_stats(self.stats())
+        except Exception:  # metrics must never stop the engine
+            logger.exception("on_stats failed")
+
     async def _run(self) -> None:
         engine = self.engine
         while True:
@@ -185,7 +216,9 @@ class AsyncLLMEngine:
             for stream in self._pending:
                 engine.add_sequence(stream.seq)
             self._pending.clear()
+            self._publish_stats(force=self._stats_changed)
             if not engine.has_unfinished_requests():
+                self._publish_stats(force=True)
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue

@@ -2,7 +2,8 @@
 
     dengine demo [--model M] [--n 64]                      the main job (same as `python -m dengine`)
     dengine serve [--model M] [--replicas N] [--port P]    the OpenAI-compatible server on Ray Serve
-    dengine bench {accuracy,policies,throughput,serve,drift} ... benchmarks (`dengine bench drift --help`)
+    dengine bench {accuracy,policies,throughput,serve,drift,chaos} ... benchmarks (`dengine bench chaos --help`)
+    dengine explore TRACE.json [...] -o page.html         the denoising trace explorer as one offline page
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 
 BENCHMARKS = {"accuracy": "dengine.bench.accuracy", "policies": "dengine.bench.policies",
               "throughput": "dengine.bench.throughput", "serve": "dengine.bench.serve_load",
-              "drift": "dengine.bench.drift"}
+              "drift": "dengine.bench.drift", "chaos": "dengine.bench.chaos"}
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -40,7 +41,13 @@ def _serve(args: argparse.Namespace) -> None:
                     model_name=args.served_model_name, defaults=defaults, **engine_kwargs)
     # a busy machine starts Serve's HTTP proxy slowly; Serve's default 5 s readiness check would kill it
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-    ray.init(address=args.ray_address, ignore_reinit_error=True)
+    # a terminal's Ctrl-C signals the whole foreground process group: the processes ray.init starts inherit
+    # SIGINT ignored, so the HTTP proxy and the replicas keep serving while this process drains them
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.init(address=args.ray_address, ignore_reinit_error=True)
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, whose own handler dumps a stack and aborts
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
@@ -50,11 +57,36 @@ def _serve(args: argparse.Namespace) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("dengine: stopping; requests still in flight are cut off", flush=True)
+        _drain(args.grace_period)
     serve.shutdown()
     if args.ray_address is None:
         ray.shutdown()  # the local Ray this command started; a cluster given by --ray-address stays up
     print("dengine: stopped", flush=True)
+
+
+def _drain(grace_s: float) -> None:
+    """New requests get 503; those in flight have grace_s seconds to finish (a second Ctrl-C cuts it short)."""
+    from ray import serve
+
+    print(f"dengine: stopping; new requests get 503, requests in flight have {grace_s:g} s to finish", flush=True)
+    try:
+        left = serve.get_app_handle("dengine").drain.remote(grace_s).result(timeout_s=grace_s + 30)
+    except KeyboardInterrupt:
+        print("dengine: interrupted again; requests still in flight are cut off", flush=True)
+        return
+    except Exception as exc:  # the application never started, or its router is gone: nothing to drain
+        print(f"dengine: nothing to drain ({type(exc).__name__})", flush=True)
+        return
+    print("dengine: every request in flight finished" if not left else
+          f"dengine: grace period over; {left} request(s) still in flight are cut off", flush=True)
+
+
+def _memory(text: str) -> int | float:
+    """--kv-cache-memory: an integer is bytes, anything else a fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _interrupt(signum, frame) -> None:
@@ -82,18 +114,30 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--cache-policy", default="entropy")
     serve.add_argument("--cache-config", default=None, help='JSON, e.g. \'{"tau": 0.05, "k": 8}\'')
     serve.add_argument("--max-num-seqs", type=int, default=64)
-    serve.add_argument("--kv-cache-memory", type=float, default=None, help="bytes, or a fraction of free memory")
+    serve.add_argument("--kv-cache-memory", type=_memory, default=None,
+                       help="KV pool per replica: bytes (an integer), or a fraction of the device's total memory "
+                            "(default 0.2 on CPU, 0.8 on GPU)")
     serve.add_argument("--gen-length", type=int, default=None,
                        help="when a request sets no max_tokens (default: the model's task's, else 128)")
     serve.add_argument("--block-length", type=int, default=None, help="default: the model's task's, else 32")
+    serve.add_argument("--grace-period", type=float, default=30.0,
+                       help="seconds requests in flight get to finish on SIGTERM / Ctrl-C (default 30)")
 
     bench = commands.add_parser(
-        "bench", help="benchmarks: accuracy, policies, throughput (offline), serve (load on a server)")
+        "bench", help="benchmarks: accuracy, policies, throughput (offline), serve (load on a server), drift, chaos "
+                      "(a replica killed under load)")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
+    explore = commands.add_parser("explore", help="write the trace explorer page with traces embedded")
+    explore.add_argument("rest", nargs=argparse.REMAINDER)
+
     args = parser.parse_args(argv)
-    if args.command == "bench":
+    if args.command == "explore":
+        from dengine.explore import main as explore_main
+
+        explore_main(args.rest)
+    elif args.command == "bench":
         import importlib
 
         importlib.import_module(BENCHMARKS[args.which]).main(args.rest)

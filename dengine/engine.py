@@ -27,6 +27,15 @@ from dengine.tokenizer import check_tokenizer_matches, end_of_turn_id, load_toke
 # A prompt is text, or a dict with "prompt_token_ids" (as in vLLM) or "prompt".
 PromptType = str | dict[str, Any]
 
+
+class PromptError(ValueError):
+    """The prompt itself is refused: empty, not this vocabulary's tokens, or too long for the model."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 DEFAULT_CPU_KV_FRACTION = 0.2
 DEFAULT_CUDA_KV_FRACTION = 0.8
 # glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit systems
@@ -114,30 +123,30 @@ class LLMEngine:
         if isinstance(prompt, dict):
             unknown = set(prompt) - {"prompt", "prompt_token_ids"}
             if unknown or len(prompt) != 1:
-                raise ValueError("a dict prompt needs exactly one of 'prompt' or 'prompt_token_ids'")
+                raise PromptError("a dict prompt needs exactly one of 'prompt' or 'prompt_token_ids'")
             if "prompt" in prompt:
                 return self.prompt_token_ids(prompt["prompt"])
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise ValueError("prompt_token_ids must be a list of integers")
+                raise PromptError("prompt_token_ids must be a list of integers")
             bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
             if bad:
-                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+                raise PromptError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
             text = None
             ids = list(ids)
         elif isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(
+                raise PromptError(
                     f"{self.model_path} has no tokenizer (or skip_tokenizer_init=True): "
                     "pass {'prompt_token_ids': [...]} instead of text"
                 )
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
-            raise ValueError(f"a prompt is a string or a dict, got {type(prompt).__name__}")
+            raise PromptError(f"a prompt is a string or a dict, got {type(prompt).__name__}")
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise PromptError("the prompt is empty")
         if all(i == self.config.mask_token_id for i in ids):
-            raise ValueError("the prompt has no real token: it is only mask tokens")
+            raise PromptError("the prompt has no real token: it is only mask tokens")
         return text, ids
 
     def make_sequence(
@@ -151,9 +160,9 @@ class LLMEngine:
         text, ids = self.prompt_token_ids(prompt)
         total = len(ids) + params.gen_length
         if total > self.config.max_position_embeddings:
-            raise ValueError(
+            raise PromptError(
                 f"prompt ({len(ids)} tokens) + gen_length ({params.gen_length}) = {total} exceeds the model's "
-                f"maximum of {self.config.max_position_embeddings} positions"
+                f"maximum of {self.config.max_position_embeddings} positions", code="context_length_exceeded"
             )
         name = params.cache_policy or self.cache_policy
         if params.cache_config is not None:
@@ -214,19 +223,29 @@ class LLMEngine:
 
     # -- outputs ----------------------------------------------------------------------------------
 
+    @property
+    def stop_token_ids(self) -> set[int]:
+        """EOS and end of turn: an answer ends before the first of them."""
+        return {self.config.eos_token_id, self.eot_token_id} - {None}
+
     def decode_text(self, token_ids: list[int]) -> str | None:
         """Text up to the first EOS / end-of-turn, special tokens skipped (None without a tokenizer)."""
         if self.tokenizer is None:
             return None
-        stops = {self.config.eos_token_id, self.eot_token_id}
+        stops = self.stop_token_ids
         end = next((i for i, token in enumerate(token_ids) if token in stops), len(token_ids))
         return self.tokenizer.decode(token_ids[:end], skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str | None:
+        """One token's text, special tokens by name (None without a tokenizer)."""
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def output(self, seq: Sequence) -> RequestOutput:
         m = seq.metrics
         end = m.finished_time or time.perf_counter()
         steps = max(m.steps, 1)
         token_ids = seq.generated_token_ids()
+        text = self.decode_text(token_ids)
         if seq.status is SequenceStatus.ABORTED:
             reason = "abort"
         else:
@@ -236,7 +255,7 @@ class LLMEngine:
             prompt=seq.prompt,
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=token_ids,
-            text=self.decode_text(token_ids),
+            text=text,
             finished=seq.status is SequenceStatus.FINISHED,
             finish_reason=reason,
             metrics=RequestMetrics(
@@ -254,4 +273,7 @@ class LLMEngine:
                 decision_seconds=m.decision_seconds,
                 stopped_early=seq.stopped_at is not None,
             ),
+            trace=None if seq.trace is None else seq.trace.build(
+                seq, self.token_text, model=self.model_path.name, family=self.config.model_type,
+                stop_token_ids=sorted(self.stop_token_ids), token_ids=token_ids, text=text),
         )

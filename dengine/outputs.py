@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from dengine.trace import Trace
+
 
 class RequestMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """Per-request decoding statistics (see methods.md section 7)."""
@@ -34,3 +36,4 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     finished: bool
     finish_reason: str  # "length" | "eos" (early stop) | "abort"
     metrics: RequestMetrics
+    trace: Trace | None = None  # every step, when SamplingParams(trace=True)

@@ -48,6 +48,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seed: int | None = None
     cache_policy: str | None = None  # None: the engine's policy
     cache_config: dict[str, Any] | None = None
+    trace: bool = False  # record every step in RequestOutput.trace (dengine.trace)
 
     def __post_init__(self) -> None:
         if self.alg is not None:

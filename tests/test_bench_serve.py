@@ -69,3 +69,21 @@ def test_percentiles_by_nearest_rank_and_loopback_only():
     with pytest.raises(ValueError, match="not a loopback address"):
         serve_load.check_loopback("http://8.8.8.8:8000")
     serve_load.check_loopback("http://localhost:8000")
+
+
+def test_chaos_clients_count_abandoned_requests_apart_and_lose_none_on_a_healthy_server(server_url, seed):
+    """The chaos benchmark's load loop on a plain server (the replica kill itself is tests/test_serve_ray.py's)."""
+    import asyncio
+
+    from dengine.bench import chaos
+
+    bodies = [{"messages": [{"role": "user", "content": f"Add: a{i} b2"}], "max_tokens": 32, "block_length": 8,
+               "seed": seed % 1000 + i, "stream": i % 2 == 0} for i in range(12)]
+    kills = []
+    outcomes, killed_at = asyncio.run(chaos.run_load(server_url, bodies, 4, 0.5, 6, seed, lambda: kills.append(1),
+                                                     use_tqdm=False))
+    assert kills == [1] and killed_at is not None
+    statuses = [o.status for o in outcomes]
+    assert "lost" not in statuses, [o.error for o in outcomes]
+    assert statuses.count("ok") + statuses.count("abandoned") == 12 and "ok" in statuses
+    assert all(o.latency_s > 0 for o in outcomes if o.status == "ok")

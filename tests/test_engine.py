@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from checkpoints import write_checkpoint
 from dengine import LLM, LLMEngine, SamplingParams
@@ -169,6 +168,21 @@ def test_outputs_in_order_with_metrics(folders):
         canvas = len(p["prompt_token_ids"]) + 16
         assert m.query_tokens == 2 * canvas + 6 * 8  # two block-start refreshes, six block-window steps
         assert m.latency_s >= m.queue_s >= 0 and m.decision_seconds >= 0
+
+
+@pytest.mark.parametrize("family,params", [
+    ("llada", dict(steps=16)), ("llada", dict(threshold=0.5)), ("llada", dict(remasking="random")),
+    ("dream", dict(alg="origin")), ("dream", dict(alg="entropy", top_p=0.9)), ("dream", dict(threshold=0.5)),
+])
+def test_committed_tokens_never_exceed_the_canvas_at_the_hottest_temperature(folders, family, params, seed):
+    """The largest temperature accepted (flat distributions, ties everywhere) still commits each position once."""
+    from dengine.sampling_params import MAX_TEMPERATURE
+
+    llm = _llm(folders[family], "entropy")
+    out = llm.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(
+        gen_length=16, block_length=8, temperature=MAX_TEMPERATURE, seed=seed % 1000, **params), use_tqdm=False)[0]
+    assert out.metrics.committed_tokens == 16 and len(out.token_ids) == 16
+    assert llm.engine.config.mask_token_id not in out.token_ids
 
 
 def test_per_request_policy_override_and_its_validation(folders):

@@ -93,6 +93,20 @@ def test_memory_budget_forms():
             resolve_memory_budget(bad, cpu)
 
 
+def test_a_fraction_is_of_total_memory_whatever_is_free(monkeypatch, caplog):
+    """A replacement replica started beside a running twin gets the same pool as the twin."""
+    from dengine.kv import kv_cache
+
+    cpu = torch.device("cpu")
+    total = kv_cache.total_memory_bytes(cpu)
+    budgets = []
+    for free in (total, total // 10, 1 << 20):
+        monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda device, free=free: free)
+        budgets.append(resolve_memory_budget(0.2, cpu))
+    assert budgets == [int(total * 0.2)] * 3
+    assert "larger than" in caplog.text, "a pool above what is free is logged"
+
+
 def test_cache_write_lands_in_the_mapped_slots(tmp_path, seed):
     from checkpoints import write_checkpoint
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -143,16 +144,16 @@ BAD_REQUESTS = [
     ("/v1/completions", b"{not json", None),
     ("/v1/completions", {"prompt": 5}, "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, None),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, None),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 24, "block_length": 16}, None),
     ("/v1/completions", {"prompt": "x", "max_tokens": 8, "gen_length": 16}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
     ("/v1/completions", {"prompt": "x", "stop": ["\n"]}, "stop"),
-    ("/v1/completions", {"prompt": "x", "cache_policy": "nonsense"}, None),
+    ("/v1/completions", {"prompt": "x", "cache_policy": "nonsense"}, "cache_policy"),
     ("/v1/completions", {"prompt": "x", "cache_policy": "dual", "tau": 0.3}, None),
-    ("/v1/completions", {"prompt": "x", "top_p": 0.9}, None),  # Dream-only option on a LLaDA model
-    ("/v1/completions", {"prompt": "x", "top_k": 5}, None),  # likewise; only "off" (0 / -1) is accepted
+    ("/v1/completions", {"prompt": "x", "top_p": 0.9}, "top_p"),  # Dream-only option on a LLaDA model
+    ("/v1/completions", {"prompt": "x", "top_k": 5}, "top_k"),  # likewise; only "off" (0 / -1) is accepted
     ("/v1/completions", {"prompt": "x", "top_k": -2}, "top_k"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -5}, "max_tokens"),  # named as sent, not gen_length
     ("/v1/completions", {"prompt": "x", "gen_length": -5}, "gen_length"),
@@ -160,11 +161,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": 16, "steps": 1000000000}, "steps"),  # bounded work
     ("/v1/completions", {"prompt": "x", "temperature": 1e30}, "temperature"),
     ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed"),
-    ("/v1/completions", {"prompt": "x", "sigma": 0}, None),
-    ("/v1/completions", {"prompt": "x", "cache_policy": "dllm", "cache_config": {"rho": 2}}, None),
-    ("/v1/completions", {"prompt": ""}, None),
-    ("/v1/completions", {"prompt": [1, 2, 10**6]}, None),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, None),  # larger than the model or the KV pool
+    ("/v1/completions", {"prompt": "x", "sigma": 0}, "sigma"),
+    ("/v1/completions", {"prompt": "x", "cache_policy": "dllm", "cache_config": {"rho": 2}}, "cache_config"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 10**6]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, "prompt"),  # larger than the model or the KV pool
+    ("/v1/completions", {"model": "tiny"}, "prompt"),  # missing
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}], "max_tokens": 2000}, "messages"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
 ]
@@ -199,7 +202,7 @@ def test_models_health_metrics_and_unknown_model(client):
     for name in ("dengine_requests_total", "dengine_queue_length", "dengine_running_sequences",
                  "dengine_kv_cache_usage", "dengine_full_recompute_rate", "dengine_tokens_per_second"):
         assert name in metrics
-    assert 'endpoint="completions",model="tiny",status="400"' in metrics
+    assert 'endpoint="completions",model="tiny",replica="local",status="400"' in metrics
 
 
 @pytest.mark.parametrize("method, path, status", [("get", "/v1/nowhere", 404), ("get", "/v1/completions", 405),
@@ -209,3 +212,80 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(client, method, path,
     assert response.status_code == status
     error = response.json()["error"]
     assert error["message"].startswith(f"{method.upper()} {path}") and error["type"] and "detail" not in response.json()
+
+
+def _server(folder, **kwargs) -> OpenAIServer:
+    return OpenAIServer(AsyncLLMEngine(_engine(folder)), "tiny", DEFAULTS, **kwargs)
+
+
+def test_a_slow_tokenization_does_not_stall_a_concurrent_request(chat_folders, monkeypatch):
+    """Tokenization runs in a worker thread: while one chat prompt takes a second to tokenize, the engine
+    keeps stepping another request (on the event loop it could not step at all meanwhile)."""
+    server = _server(chat_folders["llada"])
+    tokenizer = server.engine.engine.tokenizer
+    encode, steps = tokenizer.encode, []
+
+    def slow_encode(text, *args, **kwargs):
+        if "slow" in text:
+            steps.append(server.engine.stats().steps)
+            time.sleep(1.0)
+            steps.append(server.engine.stats().steps)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", slow_encode)
+    long = json.dumps({"prompt": "Add: a1 b2", "max_tokens": 384, "block_length": 8}).encode()
+    slow = json.dumps({"messages": [{"role": "user", "content": "slow"}], "max_tokens": 8}).encode()
+
+    async def run():
+        background = asyncio.create_task(server.respond("completions", long))
+        while server.engine.stats().steps == 0:
+            await asyncio.sleep(0.01)
+        response = await server.respond("chat_completions", slow)
+        return response, await background
+
+    slow_response, long_response = asyncio.run(run())
+    assert slow_response.status_code == 200 and long_response.status_code == 200 and len(steps) == 2
+    assert steps[1] - steps[0] >= 3, f"{steps[1] - steps[0]} engine steps while a prompt was tokenized for 1 s"
+
+
+def test_oversized_bodies_and_prompts_are_refused_before_tokenization(chat_folders, monkeypatch):
+    server = _server(chat_folders["llada"], max_body_bytes=1 << 16)
+    monkeypatch.setattr(server.engine.engine.tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized"))
+    with TestClient(create_app(server)) as c:
+        response = c.post("/v1/completions", content=b'{"prompt": "' + b"x" * (1 << 17) + b'"}',
+                          headers={"Content-Type": "application/json"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+        too_long = "x" * (server.max_prompt_chars + 1)
+        assert len(too_long) < 1 << 16
+        for path, body, param in (("/v1/completions", {"prompt": too_long}, "prompt"),
+                                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": too_long}]},
+                                   "messages")):
+            response = c.post(path, json=body)
+            assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_gauges_follow_the_engine_without_a_scrape_aborts_included(chat_folders):
+    """The engine pushes its stats (as it does to Ray's export): running while decoding, 0 once aborted."""
+    server = _server(chat_folders["llada"])
+    body = json.dumps({"prompt": "Add: a1 b2", "max_tokens": 384, "block_length": 8, "stream": True}).encode()
+
+    def running() -> float:
+        return server.metrics.registry.get_sample_value("dengine_running_sequences",
+                                                        {"model": "tiny", "replica": "local"})
+
+    async def run():
+        events = (await server.respond("completions", body)).body_iterator
+        await anext(events)
+        await asyncio.sleep(0.8)  # stats are pushed at least every 0.5 s while stepping
+        during = running()
+        await events.aclose()
+        for _ in range(100):
+            if running() == 0:
+                break
+            await asyncio.sleep(0.02)
+        return during, running()
+
+    during, after = asyncio.run(run())
+    assert during == 1 and after == 0
+    assert server.metrics.registry.get_sample_value("dengine_kv_cache_usage",
+                                                    {"model": "tiny", "replica": "local"}) == 0

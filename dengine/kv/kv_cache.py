@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from dengine.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def total_memory_bytes(device: torch.device) -> int:
+    """All of a device's memory: the GPU's, or the host's MemTotal on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    total = _meminfo_bytes("MemTotal")
+    return total if total is not None else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -14,27 +36,31 @@ def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = _meminfo_bytes("MemAvailable")
+    return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def resolve_memory_budget(kv_cache_memory: int | float, device: torch.device) -> int:
-    """Bytes for the KV pool: an int is bytes, a float in (0, 1] a fraction of free device memory."""
+    """Bytes for the KV pool: an int is bytes, a float in (0, 1] a fraction of the device's total memory.
+
+    Total, not free: every replica of a deployment gets the same pool whatever happened to be free when it
+    started (a replacement replica next to a running twin included). A budget above what is free now is
+    logged: on a GPU the allocation will fail, on CPU pages are only taken as blocks are written."""
     if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, float)):
         raise ValueError(f"kv_cache_memory must be bytes (int) or a fraction (float), got {kv_cache_memory!r}")
     if isinstance(kv_cache_memory, float):
         if not 0.0 < kv_cache_memory <= 1.0:
             raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {kv_cache_memory}")
-        return int(available_memory_bytes(device) * kv_cache_memory)
-    if kv_cache_memory <= 0:
+        budget = int(total_memory_bytes(device) * kv_cache_memory)
+    elif kv_cache_memory <= 0:
         raise ValueError(f"kv_cache_memory must be positive, got {kv_cache_memory}")
-    return kv_cache_memory
+    else:
+        budget = kv_cache_memory
+    available = available_memory_bytes(device)
+    if budget > available:
+        logger.warning("the KV pool (%.2f GB) is larger than the %.2f GB %s memory free now", budget / 1e9,
+                       available / 1e9, device.type)
+    return budget
 
 
 class PagedKVCache:

@@ -13,6 +13,7 @@ from dengine.decoding import Decoder, StepOutcome, certainty_density
 from dengine.scheduler.policies.base import CachePolicy
 from dengine.model_runner import CachedOutputs, SequenceQuery
 from dengine.sampling_params import SamplingParams
+from dengine.trace import TraceRecorder
 
 
 class SequenceStatus(enum.Enum):
@@ -87,6 +88,7 @@ class Sequence:
         # the masked positions scored and their logits; the computed rows and their attention per layer.
         self.last_scored: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_attention: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self.trace = TraceRecorder() if params.trace else None
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -217,6 +219,8 @@ class Sequence:
                 self.decoder.start_block(int((self.canvas[self.block_start : self.block_end] == self.mask_id).sum()))
         if self.is_finished:
             m.finished_time = time.perf_counter()
+        if self.trace is not None:
+            self.trace.record(self, queries, outcome, full)
         return outcome
 
     def _answer_is_fixed(self) -> bool:

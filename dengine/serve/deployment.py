@@ -1,41 +1,108 @@
-"""The Ray Serve deployment: one AsyncLLMEngine per replica behind the OpenAI-compatible app.
+"""The Ray Serve application: a router ingress in front of `replicas` engine replicas.
 
-    dengine serve --model llada-reverse --replicas 2 --num-cpus 1 --port 8000
+    dengine serve --model llada-sudoku --replicas 2 --num-cpus 1 --port 8000
 
-Serve routes requests across replicas, restarts a replica that dies or fails its health check, and
-propagates client disconnects as cancellation (which aborts the request and frees its KV blocks).
+Each engine replica holds one AsyncLLMEngine behind the OpenAI-compatible request handling (OpenAIServer).
+The router (dengine/serve/router.py) takes every HTTP request, retries non-streamed requests and resumes
+streams when a replica dies, and drains on shutdown. Serve restarts a replica that dies or fails its
+health check, and propagates client disconnects as cancellation through the router to the engine
+replica (which aborts the request and frees its KV blocks).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi.responses import Response, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from dengine.async_engine import AsyncLLMEngine
 from dengine.sampling_params import SamplingParams
-from dengine.serve.server import OpenAIServer, create_app
+from dengine.serve.router import Head, Relay, router_app
+from dengine.serve.server import DEFAULT_MAX_BODY_BYTES, OpenAIServer
+
+# what a dead, restarting or overloaded replica raises through a handle: worth another replica's try
+RETRYABLE = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError,
+             BackPressureError)
 
 
-@serve.deployment(name="dengine", max_ongoing_requests=256, health_check_period_s=5, health_check_timeout_s=30)
-@serve.ingress()
-class DengineServer:
+@serve.deployment(name="engine", max_ongoing_requests=256, health_check_period_s=5, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=5)
+class EngineReplica:
+    """One engine: answers the router's calls with a Head, then the response body in parts."""
+
     def __init__(self, model: str | None, engine_kwargs: dict[str, Any], defaults: dict[str, Any],
-                 model_name: str, num_threads: int | None) -> None:
+                 model_name: str, num_threads: int | None, max_body_bytes: int) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.engine = AsyncLLMEngine.from_model(model, **engine_kwargs)
-        self.server = OpenAIServer(self.engine, model_name, SamplingParams(**defaults))
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.server = OpenAIServer(self.engine, model_name, SamplingParams(**defaults), replica=replica,
+                                   max_body_bytes=max_body_bytes)
 
-    def __serve_build_asgi_app__(self):
-        return create_app(self.server)
+    async def call(self, endpoint: str, body: bytes, response_id: str, created: int) -> AsyncIterator[Any]:
+        """One POST: its Head, then its body (one part per server-sent event when streaming)."""
+        response = await self.server.respond(endpoint, body, response_id, created)
+        yield Head(response.status_code, response.media_type, {"X-Dengine-Replica": self.server.replica})
+        if not isinstance(response, StreamingResponse):
+            yield response.body
+            return
+        events = response.body_iterator
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # leaving early (the router cancelled) aborts the request
+
+    async def get(self, what: str) -> tuple[int, str, dict[str, str], bytes]:
+        """/health or /metrics of this replica, as (status, media type, headers, body)."""
+        response = self.server.health() if what == "health" else self.server.render_metrics()
+        return response.status_code, response.media_type, dict(response.headers), response.body
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine loop died."""
         if self.engine.loop_error is not None:
             raise RuntimeError(f"engine loop died: {self.engine.loop_error!r}")
+
+
+@serve.deployment(name="dengine", num_replicas=1, max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Router:
+    """The application's ingress: HTTP in, engine replicas behind; see dengine/serve/router.py."""
+
+    def __init__(self, engines, model_name: str, max_body_bytes: int, retry_timeout_s: float) -> None:
+        streaming = engines.options(stream=True)
+        self.engines = engines
+        self.relay = Relay(lambda *args: streaming.call.remote(*args), RETRYABLE, retry_timeout_s)
+        self.model_name, self.max_body_bytes = model_name, max_body_bytes
+
+    def __serve_build_asgi_app__(self):
+        return router_app(self.relay, self._get, self.model_name, self.max_body_bytes)
+
+    async def _get(self, what: str) -> Response:
+        status, media_type, headers, body = await self.engines.get.remote(what)
+        headers.pop("content-length", None)
+        return Response(body, status_code=status, media_type=media_type, headers=headers)
+
+    async def drain(self, grace_s: float) -> int:
+        """Refuse new requests (503), wait up to grace_s for those in flight; returns how many are left."""
+        self.relay.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.relay.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.relay.in_flight
+
+    def stats(self) -> dict[str, int]:
+        """Requests in flight, retried and resumed streams: what the relay did so far."""
+        relay = self.relay
+        return {"in_flight": relay.in_flight, "retries": relay.retries, "resumed_streams": relay.resumed_streams}
 
 
 def served_name(model: str | Path | None) -> str:
@@ -46,8 +113,10 @@ def served_name(model: str | Path | None) -> str:
 
 def build_app(model: str | None = None, *, replicas: int = 1, num_cpus: float | None = None,
               num_gpus: float | None = None, model_name: str | None = None,
-              defaults: dict[str, Any] | None = None, **engine_kwargs: Any):
-    """The Serve application: `replicas` engines, each with num_cpus / num_gpus (one GPU each where there are)."""
+              defaults: dict[str, Any] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              retry_timeout_s: float = 60.0, **engine_kwargs: Any):
+    """The Serve application: a router and `replicas` engines, each with num_cpus / num_gpus (one GPU each
+    where there are)."""
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     if num_gpus is None:
@@ -58,5 +127,7 @@ def build_app(model: str | None = None, *, replicas: int = 1, num_cpus: float | 
     threads = None if num_gpus else max(1, int(num_cpus))
     defaults = defaults if defaults is not None else {"gen_length": 128, "block_length": 32}
     SamplingParams(**defaults)  # fail here, not in every replica
-    return DengineServer.options(num_replicas=replicas, ray_actor_options=options).bind(
-        None if model is None else str(model), engine_kwargs, defaults, model_name or served_name(model), threads)
+    name = model_name or served_name(model)
+    engines = EngineReplica.options(num_replicas=replicas, ray_actor_options=options).bind(
+        None if model is None else str(model), engine_kwargs, defaults, name, threads, max_body_bytes)
+    return Router.bind(engines, name, max_body_bytes, retry_timeout_s)

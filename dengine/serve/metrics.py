@@ -1,5 +1,7 @@
-"""Prometheus metrics of one replica: served at its `/metrics`, and mirrored to Ray's metrics export
-(ray.serve.metrics, tagged by replica) so a Prometheus scraping Ray sees every replica."""
+"""Prometheus metrics of one replica: served at its `/metrics` (every sample labelled with the replica's
+name), and mirrored to Ray's metrics export (ray.serve.metrics, tagged by replica) so a Prometheus scraping
+Ray sees every replica. The async engine pushes fresh stats after aborts and when it goes idle, so the
+gauges never keep the value of a request that is gone."""
 
 from __future__ import annotations
 
@@ -29,14 +31,15 @@ _COUNTERS = {
 class ServerMetrics:
     """Counters and gauges of one replica; `observe` refreshes the gauges from an EngineStats snapshot."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, replica: str = "local") -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("dengine_requests", "HTTP requests by endpoint and status",
-                                ["model", "endpoint", "status"], registry=self.registry)
-        self.gauges = {name: Gauge(name, text, ["model"], registry=self.registry) for name, text in _GAUGES.items()}
-        self.counters = {name: Counter(name, text, ["model"], registry=self.registry)
+                                ["model", "replica", "endpoint", "status"], registry=self.registry)
+        self.gauges = {name: Gauge(name, text, ["model", "replica"], registry=self.registry)
+                       for name, text in _GAUGES.items()}
+        self.counters = {name: Counter(name, text, ["model", "replica"], registry=self.registry)
                          for name, text in _COUNTERS.items()}
-        self.model = model
+        self.labels = (model, replica)
         self._finished: collections.deque[tuple[float, int]] = collections.deque()
         self._last = EngineStats(waiting=0, running=0, kv_blocks_used=0, kv_blocks_total=1, steps=0,
                                  generated_tokens=0, full_recomputes=0, finished_requests=0)
@@ -44,7 +47,7 @@ class ServerMetrics:
         self._ray = _ray_metrics()
 
     def request(self, endpoint: str, status: int) -> None:
-        self.requests.labels(self.model, endpoint, str(status)).inc()
+        self.requests.labels(*self.labels, endpoint, str(status)).inc()
         if self._ray:
             self._ray["requests"].inc(tags={"endpoint": endpoint, "status": str(status)})
 
@@ -70,12 +73,12 @@ class ServerMetrics:
         }
         self._last = stats
         for name, value in values.items():
-            self.gauges[name].labels(self.model).set(value)
+            self.gauges[name].labels(*self.labels).set(value)
             if self._ray:
                 self._ray[name].set(value)
         for name, value in increments.items():
             if value > 0:
-                self.counters[name].labels(self.model).inc(value)
+                self.counters[name].labels(*self.labels).inc(value)
                 if self._ray:
                     self._ray[name].inc(value)
 

@@ -3,22 +3,26 @@ unknown fields and out-of-range values are errors) before anything reaches the e
 
 Diffusion options ride along as extra body fields (the `extra_body` of OpenAI's Python client):
 gen_length, block_length, steps, threshold, factor, remasking (or Dream's name `alg`), alg_temp, sigma,
-cfg_scale, stop_at_eos, cache_policy, cache_config, and `tau` / `k` as shorthands for the EntropyCache
-options. OpenAI's `max_tokens` is the generation length: a diffusion model decodes a canvas of exactly
-that many positions (it may end early with EOS), so `max_tokens` and `gen_length` are the same field and
-giving both with different values is an error.
+cfg_scale, stop_at_eos, cache_policy, cache_config, `tau` / `k` as shorthands for the EntropyCache
+options, and `trace` (the response then carries every denoising step; not with `stream`). OpenAI's
+`max_tokens` is the generation length: a diffusion model decodes a canvas of exactly that many positions
+(it may end early with EOS), so `max_tokens` and `gen_length` are the same field and giving both with
+different values is an error.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
 
 import msgspec
+from starlette.responses import Response
 
 from dengine.outputs import RequestMetrics, RequestOutput
 from dengine.sampling_params import SamplingParams
+from dengine.trace import Trace
 
 
 class RequestError(ValueError):
@@ -64,11 +68,14 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cache_config: dict[str, Any] | None = None
     tau: float | None = None
     k: int | None = None
+    trace: bool = False  # the response carries every step (dengine.trace.Trace); not with stream
 
     def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
         """The request's SamplingParams over the server's defaults; RequestError naming the field if invalid."""
         if self.n != 1:
             raise RequestError("only n=1 is supported", param="n")
+        if self.trace and self.stream:
+            raise RequestError("trace comes with the whole response: it needs stream false", param="trace")
         if self.stop:
             raise RequestError("stop strings are not supported (the model ends its answer with EOS)", param="stop")
         if self.max_tokens is not None and self.gen_length is not None and self.max_tokens != self.gen_length:
@@ -84,7 +91,7 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             if self.steps is None and defaults.steps is not None:
                 changes["steps"] = None
         for name in ("block_length", "steps", "temperature", "top_p", "top_k", "seed", "threshold", "factor",
-                     "alg_temp", "sigma", "cfg_scale", "stop_at_eos", "cache_policy"):
+                     "alg_temp", "sigma", "cfg_scale", "stop_at_eos", "cache_policy", "trace"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value
@@ -160,6 +167,7 @@ class _Response(msgspec.Struct, kw_only=True):
 class CompletionResponse(_Response, kw_only=True):
     object: str = "text_completion"
     choices: list[CompletionChoice]
+    trace: Trace | None = None
 
 
 class ChatMessageOut(msgspec.Struct, omit_defaults=True):
@@ -183,6 +191,7 @@ class ChatDeltaChoice(msgspec.Struct):
 class ChatCompletionResponse(_Response, kw_only=True):
     object: str = "chat.completion"
     choices: list[ChatChoice]
+    trace: Trace | None = None
 
 
 class ChatCompletionChunk(_Response, kw_only=True):
@@ -217,19 +226,48 @@ def error_body(error: RequestError) -> bytes:
     return msgspec.json.encode(ErrorResponse(ErrorBody(str(error), error.kind, error.param, error.code)))
 
 
+def error_response(error: RequestError, headers: dict[str, str] | None = None) -> Response:
+    """The HTTP response of a refused request: OpenAI's error body with the error's status."""
+    return Response(error_body(error), status_code=error.status, media_type="application/json", headers=headers)
+
+
+def body_too_large(limit: int) -> RequestError:
+    return RequestError(f"the request body is larger than this server's limit of {limit} bytes", status=413,
+                        code="request_too_large")
+
+
+def error_event(error: RequestError) -> bytes:
+    """A server-sent event carrying an error in OpenAI's shape (a stream that cannot go on ends with it)."""
+    return b"data: " + error_body(error) + b"\n\n"
+
+
 def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
     """Strictly decode a request body; RequestError (400) for malformed JSON, wrong types, unknown fields."""
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        path = str(exc).rsplit("at `$.", 1)
-        raise RequestError(str(exc), param=path[1].rstrip("`").split("[")[0] if len(path) == 2 else None) from None
+        raise RequestError(str(exc), param=_field_at_fault(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise RequestError(f"malformed JSON: {exc}") from None
 
 
+def _field_at_fault(message: str) -> str | None:
+    """The top-level field a msgspec error is about: its path (`- at `$.max_tokens``), else the field it names
+    (`Object contains unknown field `bogus``, `Object missing required field `prompt``)."""
+    path = message.rsplit("at `$.", 1)
+    if len(path) == 2:
+        return path[1].rstrip("`").split("[")[0].split(".")[0]
+    named = re.search(r"field `([^`]+)`$", message)
+    return named.group(1) if named else None
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def response_id(endpoint: str) -> str:
+    """A new id for a response of `endpoint` ("completions" or "chat_completions"), as OpenAI prefixes them."""
+    return new_id("cmpl" if endpoint == "completions" else "chatcmpl")
 
 
 def now() -> int:

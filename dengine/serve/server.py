@@ -4,16 +4,22 @@
     POST /v1/chat/completions   chat messages through the model's chat template; streams the same way
     GET  /v1/models             the served model
     GET  /health                200 with the engine's queue and KV state
-    GET  /metrics               Prometheus text format (this replica)
+    GET  /metrics               Prometheus text format (this replica, labelled with its name)
+    GET  /explore               the denoising trace explorer (dengine.explore), running prompts here
 
 A stream sends one event per decoded block (semi-AR blocks are final left to right), then one with the
 finish reason (and usage when `stream_options.include_usage`), then `data: [DONE]`.
+
+Nothing a client sends can stall other requests: a body over `max_body_bytes` is refused before it is
+read to the end, a prompt with more characters than the model's positions could hold is refused before
+tokenization, and tokenization runs in a worker thread, off the event loop that feeds every stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -21,24 +27,33 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import Response, StreamingResponse
 
 from dengine.async_engine import AsyncLLMEngine, StreamChunk
+from dengine.engine import PromptError
+from dengine.explore import add_explore_route
+from dengine.llm import chat_prompt
 from dengine.sampling_params import SamplingParams
 from dengine.serve import protocol as p
 from dengine.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 JSON = "application/json"
+DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 class OpenAIServer:
     """Request handling shared by every route: decode strictly, validate, queue, answer."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, defaults: SamplingParams | None = None) -> None:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, defaults: SamplingParams | None = None, *,
+                 replica: str = "local", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.replica = replica
+        self.max_body_bytes = max_body_bytes
         self.defaults = defaults or SamplingParams(gen_length=128, block_length=32)
         config = engine.engine.config
         self.stop_ids = {config.eos_token_id, engine.engine.eot_token_id}
-        self.metrics = ServerMetrics(model_name)
+        self.max_prompt_chars = config.max_position_embeddings * _longest_token_chars(engine.engine.tokenizer)
+        self.metrics = ServerMetrics(model_name, replica)
+        engine.on_stats = self.metrics.observe  # gauges follow the engine, aborts and idle included
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -47,45 +62,82 @@ class OpenAIServer:
             raise p.RequestError(f"model {request.model!r} is not served here; this server has {self.model_name!r}",
                                  status=404, param="model", code="model_not_found")
 
-    def _chat_prompt(self, request: p.ChatCompletionRequest) -> dict[str, list[int]]:
-        tokenizer = self.engine.engine.tokenizer
-        if tokenizer is None or tokenizer.chat_template is None:
-            raise p.RequestError("this model has no chat template; use /v1/completions")
-        if not request.messages:
-            raise p.RequestError("messages must not be empty", param="messages")
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+    def _check_prompt_chars(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, a prompt too long for the model whatever its tokenization."""
+        if chars > self.max_prompt_chars:
+            raise p.RequestError(
+                f"{param} has {chars} characters: more tokens than the model's "
+                f"{self.engine.engine.config.max_position_embeddings} positions", param=param)
 
-    def _queue(self, request: p.DiffusionFields, prompt) -> str:
+    def _chat_prompt(self, request: p.ChatCompletionRequest) -> dict[str, list[int]]:
+        """The chat rendered by the model's template and tokenized (a worker thread calls this)."""
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        return chat_prompt(self.engine.engine.tokenizer, messages)
+
+    async def _queue(self, request: p.DiffusionFields, prompt) -> str:
+        """Validate and queue; tokenization (and the chat template) run in a worker thread."""
         self._check_model(request)
         params = request.sampling_params(self.defaults)
         try:
-            return self.engine.add_request(prompt, params)
-        except ValueError as exc:  # bad prompt, options the family lacks, unknown cache options, too large
-            raise p.RequestError(str(exc)) from None
+            if isinstance(request, p.ChatCompletionRequest):
+                prompt = await asyncio.to_thread(self._chat_prompt, request)
+            return await self.engine.add_request_async(prompt, params)
+        except PromptError as exc:  # empty, not the vocabulary's tokens, too long for the model
+            field = "messages" if isinstance(request, p.ChatCompletionRequest) else "prompt"
+            raise p.RequestError(str(exc), param=field, code=exc.code) from None
+        except ValueError as exc:  # options the family lacks, unknown cache options, too large for the pool
+            raise request.field_error(str(exc)) from None
+
+    # -- the one entry point of POSTed requests ----------------------------------------------------
+
+    async def respond(self, endpoint: str, body: bytes, response_id: str | None = None,
+                      created: int | None = None) -> Response:
+        """The response to one POST (an error in OpenAI's shape if refused), counted in the metrics.
+
+        A router replaying a request on another replica passes its own response id and creation time, so
+        that both replicas' events are byte for byte the same."""
+        handler = {"completions": self.completions, "chat_completions": self.chat_completions}[endpoint]
+        try:
+            if len(body) > self.max_body_bytes:
+                raise p.body_too_large(self.max_body_bytes)
+            response = await handler(body, response_id or p.response_id(endpoint), created or p.now())
+        except p.RequestError as error:
+            response = p.error_response(error)
+        except Exception as exc:  # an engine failure: the request fails, the server keeps serving
+            logger.exception("request failed")
+            response = p.error_response(p.RequestError(f"internal error: {exc}", status=500, kind="server_error"))
+        self.metrics.request(endpoint, response.status_code)
+        return response
 
     # -- endpoints --------------------------------------------------------------------------------
 
-    async def completions(self, body: bytes) -> Response:
+    async def completions(self, body: bytes, response_id: str, created: int) -> Response:
         request = p.decode_request(body, p.CompletionRequest)
-        prompt = request.prompt if isinstance(request.prompt, str) else {"prompt_token_ids": request.prompt}
-        request_id = self._queue(request, prompt)
-        response_id, created = p.new_id("cmpl"), p.now()
+        if isinstance(request.prompt, str):
+            self._check_prompt_chars(len(request.prompt), "prompt")
+            prompt = request.prompt
+        else:
+            prompt = {"prompt_token_ids": request.prompt}
+        request_id = await self._queue(request, prompt)
         if request.stream:
             return self._sse(self._completion_events(request, request_id, response_id, created))
         output = await self._final(request_id)
         response = p.CompletionResponse(
             id=response_id, created=created, model=self.model_name,
             choices=[p.CompletionChoice(0, output.text or "", p.finish_reason(output, self.stop_ids))],
-            usage=p.usage(output, self.stop_ids), dengine=output.metrics,
+            usage=p.usage(output, self.stop_ids), dengine=output.metrics, trace=output.trace,
         )
         return Response(msgspec.json.encode(response), media_type=JSON)
 
-    async def chat_completions(self, body: bytes) -> Response:
+    async def chat_completions(self, body: bytes, response_id: str, created: int) -> Response:
         request = p.decode_request(body, p.ChatCompletionRequest)
-        request_id = self._queue(request, self._chat_prompt(request))
-        response_id, created = p.new_id("chatcmpl"), p.now()
+        tokenizer = self.engine.engine.tokenizer
+        if tokenizer is None or tokenizer.chat_template is None:
+            raise p.RequestError("this model has no chat template; use /v1/completions")
+        if not request.messages:
+            raise p.RequestError("messages must not be empty", param="messages")
+        self._check_prompt_chars(sum(len(m.content) for m in request.messages), "messages")
+        request_id = await self._queue(request, None)
         if request.stream:
             return self._sse(self._chat_events(request, request_id, response_id, created))
         output = await self._final(request_id)
@@ -93,7 +145,7 @@ class OpenAIServer:
             id=response_id, created=created, model=self.model_name,
             choices=[p.ChatChoice(0, p.ChatMessageOut("assistant", output.text or ""),
                                   p.finish_reason(output, self.stop_ids))],
-            usage=p.usage(output, self.stop_ids), dengine=output.metrics,
+            usage=p.usage(output, self.stop_ids), dengine=output.metrics, trace=output.trace,
         )
         return Response(msgspec.json.encode(response), media_type=JSON)
 
@@ -103,12 +155,13 @@ class OpenAIServer:
     def health(self) -> Response:
         stats = self.engine.stats()
         self.metrics.observe(stats)
-        return Response(msgspec.json.encode({"status": "ok", "model": self.model_name, "engine": stats}),
-                        media_type=JSON)
+        body = {"status": "ok", "model": self.model_name, "replica": self.replica, "engine": stats}
+        return Response(msgspec.json.encode(body), media_type=JSON, headers={REPLICA_HEADER: self.replica})
 
     def render_metrics(self) -> Response:
         self.metrics.observe(self.engine.stats())
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4",
+                        headers={REPLICA_HEADER: self.replica})
 
     # -- results ----------------------------------------------------------------------------------
 
@@ -163,53 +216,89 @@ class OpenAIServer:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+REPLICA_HEADER = "X-Dengine-Replica"
+
+
 def _event(message: msgspec.Struct) -> bytes:
     return b"data: " + msgspec.json.encode(message) + b"\n\n"
 
 
-def create_app(server: OpenAIServer) -> FastAPI:
-    """The FastAPI app of one server; every refused request gets OpenAI's error shape."""
-    app = FastAPI(title="dengine", docs_url=None, redoc_url=None)
+def _longest_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for (its vocabulary string bounds its decoded text); a
+    prompt of C characters has at least C / this many tokens. 1 without a tokenizer (no text prompts)."""
+    if tokenizer is None:
+        return 1
+    return max(len(piece) for piece in tokenizer.get_vocab())
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Unknown routes (404) and wrong methods (405) answer in OpenAI's error shape too."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        """Unknown routes (404) and wrong methods (405) in OpenAI's error shape too."""
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         error = p.RequestError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
                                kind=kind)
-        return Response(p.error_body(error), status_code=exc.status_code, media_type=JSON,
-                        headers=getattr(exc, "headers", None))
+        return p.error_response(error, headers=getattr(exc, "headers", None))
 
-    async def guarded(endpoint: str, handler, request: Request) -> Response:
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed `limit`, before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise p.body_too_large(limit)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise p.body_too_large(limit)
+        parts.append(part)
+    return b"".join(parts)
+
+
+def openai_app(post: Callable[[str, bytes], Awaitable[Response]], get: Callable[[str], Awaitable[Response]],
+               max_body_bytes: int, refused: Callable[[str, int], None] | None = None) -> FastAPI:
+    """The routes of every dengine HTTP face: POSTs (body read within max_body_bytes) to `post(endpoint,
+    body)`, GETs to `get("models" | "health" | "metrics")`; every refusal in OpenAI's error shape."""
+    app = FastAPI(title="dengine", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    async def read_and_post(endpoint: str, request: Request) -> Response:
         try:
-            response = await handler(await request.body())
+            body = await read_body(request, max_body_bytes)
         except p.RequestError as error:
-            response = Response(p.error_body(error), status_code=error.status, media_type=JSON)
-        except Exception as exc:  # an engine failure: the request fails, the server keeps serving
-            logger.exception("request failed")
-            error = p.RequestError(f"internal error: {exc}", status=500, kind="server_error")
-            response = Response(p.error_body(error), status_code=500, media_type=JSON)
-        server.metrics.request(endpoint, response.status_code)
-        return response
+            if refused is not None:
+                refused(endpoint, error.status)
+            return p.error_response(error)
+        return await post(endpoint, body)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await guarded("completions", server.completions, request)
+        return await read_and_post("completions", request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await guarded("chat_completions", server.chat_completions, request)
+        return await read_and_post("chat_completions", request)
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return server.models()
+        return await get("models")
 
     @app.get("/health")
     async def health() -> Response:
-        return server.health()
+        return await get("health")
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return server.render_metrics()
+        return await get("metrics")
 
+    add_explore_route(app)
     return app
+
+
+def create_app(server: OpenAIServer) -> FastAPI:
+    """The FastAPI app of one server (in process, no router)."""
+    async def get(what: str) -> Response:
+        return {"models": server.models, "health": server.health, "metrics": server.render_metrics}[what]()
+
+    return openai_app(server.respond, get, server.max_body_bytes, server.metrics.request)

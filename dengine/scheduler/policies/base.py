@@ -9,6 +9,7 @@ import torch
 
 from dengine.decoding import StepOutcome
 from dengine.sampling_params import SamplingParams
+from dengine.trace import Decision
 
 
 class SequenceView(Protocol):
@@ -77,3 +78,10 @@ class CachePolicy:
 
     def observe(self, seq: SequenceView, outcome: StepOutcome, full: bool) -> None:
         """Learn from the step just applied (its commits and whether it was a full recompute)."""
+
+    def decision(self, seq: SequenceView) -> Decision:
+        """For traces, after a step (and its block change): whether the next step is full, and why."""
+        chosen = self.plan(seq)
+        if chosen is None:
+            return Decision(full=True, reason="full recompute")
+        return Decision(full=False, reason=f"{chosen.numel()} planned rows")

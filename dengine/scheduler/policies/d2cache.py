@@ -28,6 +28,7 @@ import torch
 
 from dengine.decoding import certainty_density
 from dengine.scheduler.policies.base import CachePolicy
+from dengine.trace import Decision
 
 
 class D2CacheOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -106,6 +107,11 @@ class D2Cache(CachePolicy):
         if o.inflate_w:
             chosen = inflate(chosen, o.inflate_w)
         self.selected = chosen.nonzero().flatten()
+
+    def decision(self, seq) -> Decision:
+        rows = self.selected.numel()
+        return Decision(full=False, reason=f"{rows} rows: density-ranked masks, commits, attention rollout",
+                        signal=float(rows))
 
     def _update_confidence(self, seq) -> None:
         positions, logits = seq.last_scored

@@ -21,6 +21,7 @@ import msgspec
 import torch
 
 from dengine.scheduler.policies.base import CachePolicy
+from dengine.trace import Decision
 
 
 class DLLMCacheOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,3 +57,13 @@ class DLLMCache(CachePolicy):
 
     def observe(self, seq, outcome, full: bool) -> None:
         self.step += 1
+
+    def decision(self, seq) -> Decision:
+        prompt, response = self._refreshes()
+        if response:
+            reason = "prompt and response refresh" if prompt else "response refresh"
+        else:
+            rows = seq.num_tokens - seq.prompt_len
+            reason = (f"{'prompt refresh; ' if prompt else ''}{int(self.options.rho * rows)} of {rows} response rows "
+                      "recomputed per layer, by V similarity")
+        return Decision(full=prompt and response, reason=reason)

@@ -15,6 +15,7 @@ import msgspec
 import torch
 
 from dengine.scheduler.policies.base import CachePolicy
+from dengine.trace import Decision
 
 
 class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -58,3 +59,16 @@ class EntropyCache(CachePolicy):
         self.needs_full_recompute = self.last_entropy > self.options.tau
         if self.options.k:
             self.recent = torch.cat([outcome.positions, self.recent])[: self.options.k]
+
+    def decision(self, seq) -> Decision:
+        full, tau = self.plan(seq) is None, self.options.tau
+        if self.last_entropy is None:
+            reason = "no commit yet: nothing cached to trust"
+        elif self.needs_full_recompute:
+            reason = f"max entropy {self.last_entropy:.3g} > tau {tau:g}"
+        elif full:
+            reason = "block start refresh"
+        else:
+            reason = (f"max entropy {self.last_entropy:.3g} <= tau {tau:g}: the block's masks and the "
+                      f"{self.recent.numel()} latest commits")
+        return Decision(full=full, reason=reason, signal=self.last_entropy, threshold=tau)

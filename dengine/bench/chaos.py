@@ -1,0 +1,280 @@
+"""Chaos soak: sustained load on a Serve deployment while clients walk away and one engine replica is killed.
+
+    python -m dengine.bench.chaos --model llada-sudoku --replicas 2 --concurrency 12 --num-requests 300
+    dengine bench chaos --dtype float32 --block-length 8 --out docs/bench/chaos
+
+Starts a local Ray and the dengine application (router + `--replicas` engine replicas) on loopback, then
+keeps `--concurrency` clients busy with chat requests for held-out task problems (half streamed, every one
+with its own seed). A fraction `--disconnect` of the requests is abandoned by its client on purpose (a
+stream after its first event, a whole request after a short random wait); these are counted apart. When
+`--kill-at` of the requests have been sent, one engine replica is killed (Serve starts a replacement).
+
+Reported: requests sent, completed, abandoned by their clients, **lost** (neither: an error, a cut stream or
+an error event; must be 0), correct by the task's checker, equal to an offline run of the same requests
+(same seeds; exact with --dtype float32), the router's retries and resumed streams, end-to-end p50 / p99,
+the machine's used memory and the engine replicas' resident memory at start and end, and each replica's
+KV blocks and running sequences once the load is over (both 0 when nothing leaked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from tqdm.auto import tqdm
+
+from dengine.assets import resolve_model
+from dengine.bench.report import QuietCheck, run_record, write_report
+from dengine.bench.serve_load import percentiles
+from dengine.tasks import generation_lengths, get_task, task_of_model
+
+
+@dataclass
+class Outcome:
+    status: str  # "ok", "abandoned" (by the client, on purpose) or "lost"
+    text: str = ""
+    latency_s: float = 0.0
+    error: str | None = None
+
+
+def memory_snapshot() -> dict[str, float]:
+    """GB used on the machine (MemTotal - MemAvailable) and the engine replicas' resident memory."""
+    info = {}
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    replicas = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"ServeReplica:dengine:engine" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/status", encoding="ascii") as f:
+                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+        replicas.append(rss / 1e9)
+    return {"machine_used_gb": (info["MemTotal"] - info["MemAvailable"]) / 1e9,
+            "replica_rss_gb": sorted(replicas)}
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, abandon: float | None) -> Outcome:
+    """Send one chat request; `abandon` (seconds) makes the client walk away (a stream: after its first event)."""
+    start = time.perf_counter()
+    try:
+        if not body["stream"]:
+            try:
+                response = await asyncio.wait_for(client.post(f"{url}/v1/chat/completions", json=body), abandon)
+            except asyncio.TimeoutError:
+                return Outcome("abandoned")
+            if response.status_code != 200:
+                return Outcome("lost", error=f"HTTP {response.status_code}: {response.text[:200]}")
+            return Outcome("ok", response.json()["choices"][0]["message"]["content"], time.perf_counter() - start)
+        text, done = [], False
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                return Outcome("lost", error=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                event = json.loads(line[len("data: "):])
+                if "error" in event:
+                    return Outcome("lost", error=f"error event: {event['error']}")
+                if abandon is not None:
+                    return Outcome("abandoned")
+                text.extend(c["delta"].get("content") or "" for c in event["choices"])
+        if not done:
+            return Outcome("lost", error="the stream ended without [DONE]")
+        return Outcome("ok", "".join(text), time.perf_counter() - start)
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
+        return Outcome("lost", error=f"{type(exc).__name__}: {exc}")
+
+
+async def run_load(url: str, bodies: list[dict], concurrency: int, disconnect: float, kill_after: int, seed: int,
+                   kill, use_tqdm: bool) -> tuple[list[Outcome | None], float | None]:
+    """Closed loop: `concurrency` clients; `kill()` once kill_after requests have been sent."""
+    rng = random.Random(seed)
+    abandon = [rng.uniform(0.05, 1.0) if rng.random() < disconnect else None for _ in bodies]
+    outcomes: list[Outcome | None] = [None] * len(bodies)
+    queue = list(range(len(bodies)))[::-1]
+    killed_at = None
+    start = time.perf_counter()
+    bar = tqdm(total=len(bodies), desc="chaos", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None)) as client:
+        async def client_loop() -> None:
+            nonlocal killed_at
+            while queue:
+                index = queue.pop()
+                if index == kill_after and killed_at is None:
+                    killed_at = time.perf_counter() - start
+                    await asyncio.to_thread(kill)
+                outcomes[index] = await one_request(client, url, bodies[index], abandon[index])
+                bar.update(1)
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    bar.close()
+    return outcomes, killed_at
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _replica_states(url: str, replicas: int, timeout: float = 300.0) -> dict[str, dict]:
+    """Each engine replica's /health engine stats (GETs land on any replica; ask until every one answered)."""
+    seen: dict[str, dict] = {}
+    deadline = time.time() + timeout
+    while len(seen) < replicas and time.time() < deadline:
+        try:
+            response = httpx.get(f"{url}/health", timeout=10)
+            if response.status_code == 200:
+                body = response.json()
+                seen[body["replica"]] = body["engine"]
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return seen
+
+
+def _wait_running(replicas: int, timeout: float = 300.0) -> None:
+    from ray import serve
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        app = serve.status().applications.get("dengine")
+        if app is not None and "engine" in app.deployments and "dengine" in app.deployments:
+            if (app.deployments["engine"].replica_states == {"RUNNING": replicas}
+                    and app.deployments["dengine"].replica_states == {"RUNNING": 1}):
+                return
+        time.sleep(0.5)
+    raise TimeoutError("the application did not come up")
+
+
+def table(result: dict) -> str:
+    rows = [("requests sent", result["sent"]), ("completed", result["completed"]),
+            ("abandoned by their clients", result["abandoned"]), ("**lost**", f"**{result['lost']}**"),
+            ("correct (task checker)", f"{result['correct']} / {result['completed']}"),
+            ("equal to the offline run", f"{result['equal_offline']} / {result['completed']}"),
+            ("router retries / resumed streams", f"{result['router']['retries']} / "
+                                                 f"{result['router']['resumed_streams']}"),
+            ("replica killed after", f"{result['killed_after_s']:.1f} s"),
+            ("end-to-end p50 / p99", f"{result['e2e_ms'].get('p50', 0):.0f} / {result['e2e_ms'].get('p99', 0):.0f} ms"),
+            ("machine memory used, start / end", f"{result['memory_start']['machine_used_gb']:.2f} / "
+                                                 f"{result['memory_end']['machine_used_gb']:.2f} GB"),
+            ("engine replicas' RSS, start / end", f"{result['memory_start']['replica_rss_gb']} / "
+                                                  f"{result['memory_end']['replica_rss_gb']} GB"),
+            ("after the load, per replica: running, KV blocks used",
+             "; ".join(f"{s['running']}, {s['kv_blocks_used']}" for s in result["replicas_after"].values()))]
+    lines = ["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
+    if result["errors"]:
+        lines.append("\nerrors: " + "; ".join(result["errors"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="dengine bench chaos", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint folder or embedded model (default llada-sudoku)")
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--num-cpus", type=float, default=1, help="CPUs per engine replica")
+    parser.add_argument("--concurrency", type=int, default=12)
+    parser.add_argument("--num-requests", type=int, default=300)
+    parser.add_argument("--disconnect", type=float, default=0.1, help="fraction of requests abandoned by clients")
+    parser.add_argument("--kill-at", type=float, default=0.4, help="kill a replica after this fraction was sent")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--cache-policy", default="entropy")
+    parser.add_argument("--gen-length", type=int, default=None, help="default: the task's")
+    parser.add_argument("--block-length", type=int, default=None, help="default: the task's")
+    parser.add_argument("--task", default=None, help="default: the model's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
+    parser.add_argument("--no-tqdm", action="store_true")
+    args = parser.parse_args(argv)
+    if args.replicas < 2:
+        parser.error("--replicas must be at least 2: one is killed")
+    import ray
+    from ray import serve
+
+    from dengine import LLM, SamplingParams
+    from dengine.serve.deployment import build_app
+
+    folder = resolve_model(args.model)
+    task = get_task(args.task) if args.task else task_of_model(folder)
+    gen_length, block_length = generation_lengths(task, args.gen_length, args.block_length)
+    problems = task.held_out(args.num_requests)
+    rng = random.Random(args.seed)
+    bodies = [{"messages": [{"role": "user", "content": p.question}], "max_tokens": gen_length,
+               "block_length": block_length, "seed": rng.randrange(1 << 31), "stream": rng.random() < 0.5}
+              for p in problems]
+    check = QuietCheck()
+
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    ray.init(num_cpus=max(2, int(args.replicas * args.num_cpus)), include_dashboard=False, log_to_driver=False)
+    try:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(str(folder), replicas=args.replicas, num_cpus=args.num_cpus, dtype=args.dtype,
+                            cache_policy=args.cache_policy,
+                            defaults={"gen_length": gen_length, "block_length": block_length}),
+                  name="dengine", route_prefix="/", blocking=False)
+        _wait_running(args.replicas)
+        memory_start = memory_snapshot()
+
+        def kill() -> None:
+            victim = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                          if a["name"].startswith("SERVE_REPLICA::dengine#engine#"))
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+        started = time.perf_counter()
+        outcomes, killed_at = asyncio.run(run_load(url, bodies, args.concurrency, args.disconnect,
+                                                   int(args.kill_at * len(bodies)), args.seed, kill,
+                                                   not args.no_tqdm))
+        duration = time.perf_counter() - started
+        _wait_running(args.replicas)
+        replicas_after = _replica_states(url, args.replicas)
+        memory_end = memory_snapshot()
+        router = serve.get_app_handle("dengine").stats.remote().result()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    done = [i for i, o in enumerate(outcomes) if o.status == "ok"]
+    llm = LLM(folder, dtype=args.dtype, cache_policy=args.cache_policy)
+    offline = llm.chat([bodies[i]["messages"] for i in done],
+                       [SamplingParams(gen_length=gen_length, block_length=block_length, seed=bodies[i]["seed"])
+                        for i in done], use_tqdm=False)
+    result = {
+        "sent": len(outcomes), "completed": len(done), "abandoned": sum(o.status == "abandoned" for o in outcomes),
+        "lost": sum(o.status == "lost" for o in outcomes),
+        "correct": sum(problems[i].check(outcomes[i].text) for i in done),
+        "equal_offline": sum(outcomes[i].text == o.text for i, o in zip(done, offline)),
+        "offline_correct": sum(problems[i].check(o.text) for i, o in zip(done, offline)),
+        "router": router, "killed_after_s": killed_at, "duration_s": duration,
+        "e2e_ms": percentiles([outcomes[i].latency_s for i in done]),
+        "memory_start": memory_start, "memory_end": memory_end, "replicas_after": replicas_after,
+        "errors": sorted({o.error for o in outcomes if o.error})[:5],
+    }
+    markdown = table(result)
+    print(markdown)
+    record = run_record("python -m dengine.bench.chaos", argv, check, model=folder.name, task=task.name,
+                        gen_length=gen_length, block_length=block_length, result=result)
+    write_report(args.out, record, markdown)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The ingress of the Serve application: every HTTP request passes through one router replica, which hands it
+to an engine replica and makes sure the client loses nothing when that replica dies.
+
+* A request decodes deterministically given its seed, so the router gives every request one (a random one
+  when the client sent none) before the first attempt; a retry on another replica then reproduces it.
+* A non-streamed request that fails because its replica died (or could not be reached) is sent again, to
+  a healthy replica, until `retry_timeout_s` has passed.
+* A broken stream is resumed: the request is replayed on another replica, the events the client already
+  has are checked against the replay (byte for byte, the per-request timings of a final event aside; the
+  router fixes the response id and creation time for that) and skipped, and the stream goes on. A replay
+  that departs from what was sent (a model without batch invariance, say) ends the stream with an error
+  event in OpenAI's shape and `[DONE]`, never a silent cut.
+* Draining (`drain`, which `dengine serve` calls on SIGTERM / Ctrl-C): new requests get 503 in OpenAI's
+  shape, requests in flight go on, and `drain` returns when they are done or the grace period is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI
+from fastapi.responses import Response, StreamingResponse
+
+from dengine.sampling_params import MAX_SEED
+from dengine.serve import protocol as p
+from dengine.serve.server import openai_app
+
+logger = logging.getLogger(__name__)
+
+DONE = b"data: [DONE]\n\n"
+
+
+class Head(msgspec.Struct, frozen=True):
+    """The first item of an engine replica's answer: what the HTTP response starts with."""
+
+    status: int
+    media_type: str
+    headers: dict[str, str]
+
+
+# call(endpoint, body, response_id, created): the engine's answer, a Head then the body's parts (one
+# server-sent event per part when streaming)
+EngineCall = Callable[[str, bytes, str, int], AsyncIterator[Any]]
+
+
+def with_seed(body: bytes, rng: random.Random) -> tuple[bytes, bool]:
+    """The body with a seed fixed (unless the client gave one), and whether it asks for a stream. A body that
+    is not a JSON object goes on unchanged: the engine replica refuses it in its own words."""
+    try:
+        request = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body, False
+    if not isinstance(request, dict):
+        return body, False
+    if request.get("seed") is None:
+        request["seed"] = rng.randrange(MAX_SEED + 1)
+        body = msgspec.json.encode(request)
+    return body, request.get("stream") is True
+
+
+def same_event(sent: bytes, replayed: bytes) -> bool:
+    """Whether a replayed event says what the sent one said (a final event's timings may differ)."""
+    if sent == replayed:
+        return True
+    try:
+        a, b = (msgspec.json.decode(event.removeprefix(b"data: ")) for event in (sent, replayed))
+    except msgspec.DecodeError:
+        return False
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
+    a.pop("dengine", None), b.pop("dengine", None)
+    return a == b
+
+
+class Relay:
+    """Sends requests to engine replicas through `call`, retrying and resuming on the `retryable` errors."""
+
+    def __init__(self, call: EngineCall, retryable: tuple[type[BaseException], ...], retry_timeout_s: float = 60.0,
+                 seed: int | None = None) -> None:
+        self.call = call
+        self.retryable = retryable
+        self.retry_timeout_s = retry_timeout_s
+        self.rng = random.Random(seed)
+        self.in_flight = 0
+        self.draining = False
+        self.retries = 0
+        self.resumed_streams = 0
+
+    async def forward(self, endpoint: str, body: bytes) -> Response:
+        """The response to one POST, whatever happens to the replica serving it."""
+        if self.draining:
+            return p.error_response(p.RequestError("the server is shutting down; send the request again later",
+                                                   status=503, kind="server_error", code="shutting_down"))
+        body, stream = with_seed(body, self.rng)
+        response_id, created = p.response_id(endpoint), p.now()
+        self.in_flight += 1
+        handed_on = False
+        try:
+            deadline = time.monotonic() + self.retry_timeout_s
+            parts = self.call(endpoint, body, response_id, created)
+            head = await self._head(parts, lambda: self.call(endpoint, body, response_id, created), deadline)
+            if head is None:
+                return _unavailable()
+            parts, head = head
+            if not stream or head.status != 200:
+                return await self._whole(parts, head, lambda: self.call(endpoint, body, response_id, created),
+                                         deadline)
+            handed_on = True
+            return StreamingResponse(self._events(parts, lambda: self.call(endpoint, body, response_id, created)),
+                                     media_type=head.media_type,
+                                     headers={**head.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        finally:
+            if not handed_on:
+                self.in_flight -= 1
+
+    async def _head(self, parts, again: Callable[[], AsyncIterator[Any]], deadline: float):
+        """(parts, Head) of the first replica that answers, trying again on retryable errors; None at deadline."""
+        pause = 0.1
+        while True:
+            try:
+                return parts, await anext(parts)
+            except self.retryable as exc:
+                await _close(parts)
+                if time.monotonic() + pause > deadline:
+                    logger.warning("no replica answered: %r", exc)
+                    return None
+                self.retries += 1
+                logger.info("replica failed before answering (%r); retrying", exc)
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 2.0)
+                parts = again()
+
+    async def _whole(self, parts, head: Head, again, deadline: float) -> Response:
+        """A non-streamed answer, replayed from the start on another replica if its replica dies midway."""
+        while True:
+            try:
+                body = b"".join([part async for part in parts])
+                return Response(body, status_code=head.status, media_type=head.media_type, headers=head.headers)
+            except self.retryable as exc:
+                await _close(parts)
+                logger.info("replica failed midway (%r); retrying", exc)
+                answered = await self._head(again(), again, deadline)
+                if answered is None:
+                    return _unavailable()
+                parts, head = answered
+
+    async def _events(self, parts, again) -> AsyncIterator[bytes]:
+        """The stream's events; on a replica's death, a replay on another replica picks up where it broke."""
+        sent: list[bytes] = []
+        try:
+            while True:
+                try:
+                    async for event in parts:
+                        sent.append(event)
+                        yield event
+                    return
+                except self.retryable as exc:
+                    await _close(parts)
+                    if sent and sent[-1] == DONE:
+                        return
+                    logger.info("stream broke after %d events (%r); resuming on another replica", len(sent), exc)
+                    parts, error = await self._replay(again, sent, time.monotonic() + self.retry_timeout_s)
+                    if error is not None:
+                        yield p.error_event(error)
+                        yield DONE
+                        return
+                    self.resumed_streams += 1
+                except Exception as exc:  # not a dead replica: the stream cannot go on, and says so
+                    logger.exception("stream failed")
+                    yield p.error_event(p.RequestError(f"internal error: {exc}", status=500, kind="server_error"))
+                    yield DONE
+                    return
+        finally:
+            self.in_flight -= 1
+            await _close(parts)
+
+    async def _replay(self, again, sent: list[bytes], deadline: float):
+        """A fresh run of the request, its first len(sent) events checked against `sent` and consumed."""
+        answered = await self._head(again(), again, deadline)
+        if answered is None:
+            return None, p.RequestError("the stream broke and no replica could resume it", status=503,
+                                        kind="server_error", code="resume_failed")
+        parts, head = answered
+        if head.status != 200:
+            await _close(parts)
+            return None, p.RequestError(f"the stream broke and its replay was refused ({head.status})", status=502,
+                                        kind="server_error", code="resume_failed")
+        for index, event in enumerate(sent):
+            try:
+                replayed = await anext(parts)
+            except StopAsyncIteration:
+                replayed = b""
+            except self.retryable:
+                await _close(parts)
+                return await self._replay(again, sent, deadline)
+            if not same_event(event, replayed):
+                await _close(parts)
+                return None, p.RequestError(
+                    f"the stream broke and its replay on another replica departs from what was sent at event "
+                    f"{index}; the request cannot be resumed", status=502, kind="server_error", code="resume_failed")
+        return parts, None
+
+
+async def _close(parts) -> None:
+    """Stop an engine answer the relay no longer reads (cancels the request on its replica)."""
+    if parts is None:
+        return
+    cancel = getattr(parts, "cancel", None)
+    if cancel is not None:
+        cancel()
+    else:
+        await parts.aclose()
+
+
+def _unavailable() -> Response:
+    return p.error_response(p.RequestError("no engine replica could take the request", status=503,
+                                           kind="server_error", code="replica_unavailable"))
+
+
+def router_app(relay: Relay, get: Callable[[str], Any], model_name: str, max_body_bytes: int) -> FastAPI:
+    """The HTTP face of the application: POSTs through the relay, GETs answered by one engine replica."""
+
+    async def post(endpoint: str, body: bytes) -> Response:
+        try:
+            return await relay.forward(endpoint, body)
+        except Exception as exc:  # not a dead replica (those are retried): the request fails in OpenAI's shape
+            logger.exception("request failed")
+            return p.error_response(p.RequestError(f"internal error: {exc}", status=500, kind="server_error"))
+
+    async def answer(what: str) -> Response:
+        """/v1/models here; /health and /metrics from the engine replica the call lands on (named in its
+        header and labels); /health is 503 while draining."""
+        if what == "models":
+            return Response(msgspec.json.encode(p.ModelList([p.ModelCard(model_name)])), media_type="application/json")
+        if what == "health" and relay.draining:
+            return p.error_response(p.RequestError("the server is shutting down", status=503, kind="server_error",
+                                                   code="shutting_down"))
+        return await get(what)
+
+    return openai_app(post, answer, max_body_bytes)

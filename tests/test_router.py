@@ -1,0 +1,147 @@
+"""The router's relay against scripted engine replicas (no Ray): retries, resumed streams, refused replays,
+draining. tests/test_serve_ray.py kills a real replica."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgspec
+import pytest
+
+from dengine.serve.router import DONE, Head, Relay, same_event
+
+
+class Died(Exception):
+    """What a dead replica raises through the handle."""
+
+
+def _event(text: str, reason: str | None = None, **extra) -> bytes:
+    body = {"id": "cmpl-1", "choices": [{"index": 0, "text": text, "finish_reason": reason}], **extra}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class Replicas:
+    """Attempt i of a request plays scripts[i]: a Head, then its items (Died raises midway)."""
+
+    def __init__(self, *scripts, status: int = 200) -> None:
+        self.scripts, self.status, self.bodies, self.closed = scripts, status, [], 0
+
+    def call(self, endpoint, body, response_id, created):
+        script = self.scripts[min(len(self.bodies), len(self.scripts) - 1)]
+        self.bodies.append(body)
+
+        async def parts():
+            try:
+                if script is Died:
+                    raise Died()
+                yield Head(self.status, "text/event-stream", {"X-Dengine-Replica": str(len(self.bodies))})
+                for item in script:
+                    if item is Died:
+                        raise Died()
+                    yield item
+            finally:
+                self.closed += 1
+
+        return parts()
+
+
+async def _collect(relay: Relay, body: dict, endpoint: str = "completions"):
+    response = await relay.forward(endpoint, json.dumps(body).encode())
+    if hasattr(response, "body_iterator"):
+        return response.status_code, [part async for part in response.body_iterator]
+    return response.status_code, [response.body]
+
+
+def test_a_broken_stream_is_resumed_on_another_replica_with_the_same_seed():
+    events = [_event("ab"), _event("cd"), _event("ef", "stop", dengine={"latency_s": 1.0}), DONE]
+    replay = events[:2] + [_event("ef", "stop", dengine={"latency_s": 2.5}), DONE]  # timings may differ
+    replicas = Replicas(events[:2] + [Died], replay)
+    relay = Relay(replicas.call, (Died,), retry_timeout_s=5)
+    status, got = asyncio.run(_collect(relay, {"prompt": "x", "stream": True, "temperature": 1.0}))
+    assert status == 200 and got == events[:2] + replay[2:]
+    assert relay.resumed_streams == 1 and relay.in_flight == 0
+    first, second = (msgspec.json.decode(b) for b in replicas.bodies)
+    assert first == second and isinstance(first["seed"], int), "the router fixes one seed for every attempt"
+    assert replicas.closed == 2
+
+
+def test_a_replay_that_departs_from_what_was_sent_ends_with_an_error_event_and_done():
+    events = [_event("ab"), _event("cd"), _event("ef", "stop"), DONE]
+    replicas = Replicas(events[:2] + [Died], [events[0], _event("cX"), _event("ef", "stop"), DONE])
+    relay = Relay(replicas.call, (Died,), retry_timeout_s=5)
+    status, got = asyncio.run(_collect(relay, {"prompt": "x", "stream": True, "seed": 3}))
+    assert got[:2] == events[:2] and got[-1] == DONE and len(got) == 4
+    error = json.loads(got[2][len(b"data: "):])["error"]
+    assert error["code"] == "resume_failed" and "event 1" in error["message"]
+    assert msgspec.json.decode(replicas.bodies[0])["seed"] == 3, "a client's seed is kept"
+    assert relay.in_flight == 0
+
+
+def test_a_non_streamed_request_is_retried_until_a_replica_answers_whole():
+    answer = b'{"choices": [{"text": "42"}]}'
+    replicas = Replicas(Died, [b'{"choi', Died], [answer])
+    relay = Relay(replicas.call, (Died,), retry_timeout_s=5)
+    status, got = asyncio.run(_collect(relay, {"prompt": "x"}))
+    assert status == 200 and got == [answer] and len(replicas.bodies) == 3 and relay.retries >= 1
+
+
+def test_no_replica_within_the_retry_timeout_is_a_503_in_openai_shape():
+    relay = Relay(Replicas(Died).call, (Died,), retry_timeout_s=0.3)
+    status, (body,) = asyncio.run(_collect(relay, {"prompt": "x"}))
+    assert status == 503 and json.loads(body)["error"]["code"] == "replica_unavailable"
+
+
+def test_errors_other_than_a_dead_replica_are_not_retried():
+    replicas = Replicas([b"x", ValueError])
+
+    def call(*args):
+        parts = replicas.call(*args)
+
+        async def raising():
+            async for part in parts:
+                if part is ValueError:
+                    raise ValueError("engine bug")
+                yield part
+
+        return raising()
+
+    relay = Relay(call, (Died,), retry_timeout_s=5)
+    with pytest.raises(ValueError, match="engine bug"):
+        asyncio.run(_collect(relay, {"prompt": "x"}))
+    assert len(replicas.bodies) == 1 and relay.in_flight == 0
+
+
+def test_draining_refuses_new_requests_with_503():
+    relay = Relay(Replicas([b"{}"]).call, (Died,))
+    relay.draining = True
+    status, (body,) = asyncio.run(_collect(relay, {"prompt": "x"}))
+    assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down"
+
+
+def test_refused_requests_keep_their_status_and_are_not_retried():
+    replicas = Replicas([b'{"error": {"message": "bad"}}'], status=400)
+    relay = Relay(replicas.call, (Died,))
+    status, _ = asyncio.run(_collect(relay, {"prompt": "x", "stream": True}))
+    assert status == 400 and len(replicas.bodies) == 1
+
+
+def test_same_event_ignores_only_the_final_events_timings():
+    assert same_event(_event("a", "stop", dengine={"latency_s": 1}), _event("a", "stop", dengine={"latency_s": 2}))
+    assert not same_event(_event("a"), _event("b"))
+    assert not same_event(_event("a"), b"")
+
+
+def test_a_stream_failing_for_another_reason_ends_with_an_error_event_not_a_cut():
+    def call(*args):
+        async def parts():
+            yield Head(200, "text/event-stream", {})
+            yield _event("ab")
+            raise ValueError("engine bug")
+
+        return parts()
+
+    relay = Relay(call, (Died,))
+    status, got = asyncio.run(_collect(relay, {"prompt": "x", "stream": True}))
+    assert got[0] == _event("ab") and got[-1] == DONE
+    assert json.loads(got[1][len(b"data: "):])["error"]["type"] == "server_error" and relay.in_flight == 0
