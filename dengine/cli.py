@@ -2,7 +2,7 @@
 
     dengine demo [--model M] [--n 64]                      the main job (same as `python -m dengine`)
     dengine serve [--model M] [--replicas N] [--port P]    the OpenAI-compatible server on Ray Serve
-    dengine bench {accuracy,policies,throughput,serve,drift,chaos} ... benchmarks (`dengine bench chaos --help`)
+    dengine bench {accuracy,policies,throughput,serve,drift,chaos,width} ... benchmarks (`dengine bench chaos --help`)
     dengine explore TRACE.json [...] -o page.html         the denoising trace explorer as one offline page
 """
 
@@ -17,7 +17,7 @@ import time
 
 BENCHMARKS = {"accuracy": "dengine.bench.accuracy", "policies": "dengine.bench.policies",
               "throughput": "dengine.bench.throughput", "serve": "dengine.bench.serve_load",
-              "drift": "dengine.bench.drift", "chaos": "dengine.bench.chaos"}
+              "drift": "dengine.bench.drift", "chaos": "dengine.bench.chaos", "width": "dengine.bench.width"}
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 
     bench = commands.add_parser(
         "bench", help="benchmarks: accuracy, policies, throughput (offline), serve (load on a server), drift, chaos "
-                      "(a replica killed under load)")
+                      "(a replica killed under load), width (step cost at the real models' width)")
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
