@@ -155,7 +155,7 @@ def policy_schedules(family: str, samplers: list[str], n: int, gen_length: int, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m dengine.bench.width", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine bench width", description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=sorted(REAL_CONFIGS), default="llada")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2],
                         help="layer counts to time (two or more give the cost of one layer)")
