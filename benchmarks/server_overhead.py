@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             except requests.RequestException:
                 time.sleep(0.5)
         llm.chat(messages, params, use_tqdm=False)  # warm-up
-        times: dict[str, list[float]] = {"offline": [], "server": [], "server, streamed": []}
+        times: dict[str, list[float]] = {"offline": [], "server": [], "server, streamed": [],
+                                          "server, the engine's own latency": []}
         texts = set()
         for _ in range(args.rounds):
             start = time.perf_counter()
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
             response = requests.post(url, json=body, timeout=120)
             times["server"].append(time.perf_counter() - start)
             texts.add(response.json()["choices"][0]["message"]["content"])
+            times["server, the engine's own latency"].append(response.json()["dengine"]["latency_s"])
             start = time.perf_counter()
             requests.post(url, json={**body, "stream": True}, timeout=120).content
             times["server, streamed"].append(time.perf_counter() - start)
