@@ -158,22 +158,24 @@ def test_killing_a_replica_with_requests_in_flight_loses_none_and_resumed_stream
     bodies = [{"prompt": f"Add: a{rng.randint(1, 9)} b{rng.randint(1, 9)}", "max_tokens": 64, "block_length": 8,
                "temperature": rng.choice([0.0, 1.0]), "seed": rng.randrange(1000), "stream": i % 2 == 0,
                "cache_policy": rng.choice(["none", "entropy"])} for i in range(16)]
+    bodies[0]["max_tokens"] = 512  # the stream to break: 63 blocks still to decode when its replica dies
     with ThreadPoolExecutor(15) as pool:
         rest = [pool.submit(lambda b: _text(requests.post(f"{url}/v1/completions", json=b, stream=b["stream"],
                                                           timeout=300), b["stream"]), body) for body in bodies[1:]]
         first = requests.post(f"{url}/v1/completions", json=bodies[0], stream=True, timeout=300)
         victim = f"SERVE_REPLICA::dengine#engine#{first.headers['X-Dengine-Replica']}"
+        actor = ray.get_actor(victim, namespace="serve")
         lines = first.iter_lines(decode_unicode=True)
         before = [line for line in itertools.islice(lines, 2) if line]  # the first block's event
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        ray.kill(actor, no_restart=True)
         after = [line for line in lines if line]
         texts = [future.result() for future in rest]
     events = [json.loads(line[6:]) for line in (before + after)[:-1]]
     assert (before + after)[-1] == "data: [DONE]" and all("error" not in e for e in events)
     texts.insert(0, "".join(e["choices"][0]["text"] for e in events))
     reference = LLM(chat_folders["llada"], **ENGINE)
-    params = [SamplingParams(gen_length=64, block_length=8, temperature=b["temperature"], seed=b["seed"],
-                             cache_policy=b["cache_policy"]) for b in bodies]
+    params = [SamplingParams(gen_length=b["max_tokens"], block_length=8, temperature=b["temperature"],
+                             seed=b["seed"], cache_policy=b["cache_policy"]) for b in bodies]
     expected = reference.generate([b["prompt"] for b in bodies], params, use_tqdm=False)
     assert texts == [o.text for o in expected]
     stats = serve.get_app_handle("dengine").stats.remote().result()
