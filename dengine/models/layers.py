@@ -40,12 +40,13 @@ def enable_fusion(min_rows: int | None) -> None:
 
 @Fusible
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 and scaled by the weight, then cast back to x's dtype."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    """RMSNorm computed in fp32, cast back to x's dtype, then scaled by the weight: the two roundings of
+    LLaDA's and Dream's references (scaling in fp32 and rounding once moves bf16 cached decoding)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and scaled by the weight, then cast back to the input dtype."""
+    """RMSNorm computed in fp32, cast back to the input dtype, then scaled by the weight."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -59,28 +60,30 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos and signed sin of NeoX RoPE for absolute canvas positions, shape [N, 1, head_dim].
+    """cos and signed sin of NeoX RoPE for absolute canvas positions, in dtype, shape [N, 1, head_dim].
 
     NeoX RoPE rotates the pair (x[j], x[j + head_dim / 2]) by angle position * theta^(-2j / head_dim):
     x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1); the sign is folded into the half of sin
-    that meets x2. cos and sin are rounded to dtype first (Dream casts them to the activation dtype).
+    that meets x2. dtype is fp32 for LLaDA, the activation dtype for Dream (its reference casts them).
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
     angles = positions.float()[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos().to(dtype).float(), angles.sin().to(dtype).float()
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]
 
 
 @Fusible
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, heads, head_dim] in fp32 and round once to x's dtype.
+    """Rotate x [N, heads, head_dim]: the reference's x * cos + rotate_half(x) * sin.
 
-    The reference's products and sums, x * cos + rotate_half(x) * sin. Dream's reference rotates in the
-    activation dtype, rounding after each product and sum: bf16 Dream moves by those roundings only.
+    With fp32 tables (LLaDA) in fp32, rounded once to x's dtype; with tables in x's dtype (Dream) in that
+    dtype, rounding after each product and the sum exactly as Dream's reference does.
     """
-    x32 = x.float()
     half = x.shape[-1] // 2
+    if cos.dtype == x.dtype:
+        return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
+    x32 = x.float()
     swapped = torch.cat((x32[..., half:], x32[..., :half]), dim=-1)
     return torch.addcmul(x32 * cos, swapped, sin).to(x.dtype)
 
