@@ -72,6 +72,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.backend = backend or select_backend(self.device)
         self._key_slots: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
+        self._in_use: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}  # this step's, kept for the next
 
     def key_slots(self, block_table: Sequence[int], length: int) -> torch.Tensor:
         """The flat cache slot of every position of a canvas of length tokens; validated and built once per
@@ -86,13 +87,15 @@ class ModelRunner:
             if table.numel() and not 0 <= int(table.min()) <= int(table.max()) < self.kv_cache.num_blocks:
                 raise ValueError("a block table refers to blocks outside the pool")
             every_position = torch.arange(length)
-            slots = self._key_slots[key] = table[every_position // bs] * bs + every_position % bs
+            slots = table[every_position // bs] * bs + every_position % bs
+        self._in_use[key] = slots
         return slots
 
     def prepare(self, queries: Sequence[SequenceQuery]) -> ForwardContext:
         """Validate the query sets and flatten them (ids, positions, slots, lengths) on the device."""
         if not queries:
             raise ValueError("a forward step needs at least one sequence")
+        self._in_use = {}
         ids, positions, slots, kv_slots, logit_rows, row_maps = [], [], [], [], [], []
         query_lens, seq_lens = [], []
         row_offset = 0
@@ -124,8 +127,7 @@ class ModelRunner:
             seq_lens.append(length)
             row_offset += pos.numel()
         # Keep the key slots of the tables in use: the cache never outgrows the running sequences.
-        used = {(tuple(q.block_table), n) for q, n in zip(queries, seq_lens)}
-        self._key_slots = {key: value for key, value in self._key_slots.items() if key in used}
+        self._key_slots, self._in_use = self._in_use, {}
 
         width = max(len(q.block_table) for q in queries)
         block_tables = torch.tensor([[*q.block_table, *[0] * (width - len(q.block_table))] for q in queries],
