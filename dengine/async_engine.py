@@ -8,8 +8,10 @@ and frees its KV blocks.
 
 Only the loop touches the engine's mutable state: requests are validated when they arrive (bad input
 raises at once, nothing queued; `add_request_async` tokenizes and validates in a worker thread) and handed
-to the loop, which adds and aborts them between steps and runs each step in a worker thread so the event
-loop stays responsive. `on_stats`, when set, sees a fresh EngineStats after aborts, at least every
+to the loop, which adds and aborts them between steps and runs each step on the engine's own step thread
+(always the same one) so the event loop stays responsive. The thread that built the engine gives back its
+OpenMP workers (`release_openmp_threads`), so only the step thread's team is left spinning between parallel
+regions. `on_stats`, when set, sees a fresh EngineStats after aborts, at least every
 STATS_INTERVAL_S while stepping, and whenever the engine goes idle, so gauges built on it never go stale.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from dengine.engine import LLMEngine, PromptType
+from dengine.engine import LLMEngine, PromptType, release_openmp_threads
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
 from dengine.scheduler.sequence import Sequence
@@ -81,6 +84,9 @@ class AsyncLLMEngine:
         self.on_stats: Callable[[EngineStats], None] | None = None
         self._stats_time = 0.0
         self._stats_changed = False
+        # Every step on one thread: each thread running torch ops keeps its own OpenMP team.
+        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dengine-step")
+        release_openmp_threads()  # the loading thread's team would make the step thread's team sleep
 
     @classmethod
     def from_model(cls, model: Any = None, **engine_kwargs: Any) -> AsyncLLMEngine:
@@ -223,7 +229,7 @@ class AsyncLLMEngine:
                 await self._wakeup.wait()
                 continue
             try:
-                finished = await asyncio.to_thread(engine.step)
+                finished = await asyncio.get_running_loop().run_in_executor(self._step_thread, engine.step)
             except Exception as exc:  # fail what was in flight, keep serving the next requests
                 logger.exception("engine step failed")
                 self._fail_all(RuntimeError(f"engine step failed: {exc}"))

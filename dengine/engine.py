@@ -55,6 +55,30 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+def release_openmp_threads() -> bool:
+    """Stop the OpenMP worker threads this thread started (GNU OpenMP only, the runtime of torch's CPU wheels).
+
+    Each thread that runs parallel torch ops owns a team of OpenMP workers for as long as it lives. GNU OpenMP
+    lets its workers spin between parallel regions only while it manages no more threads than there are
+    CPUs; beyond that they sleep after about a hundred spins, and every parallel region then waits for
+    them to wake. A model loaded on one thread and stepped on another therefore ran each step about twice
+    as slowly on 2 cores with 2 threads (llada-reverse, EntropyCache: 0.94-1.1 s against 0.40 s a request),
+    until the loading thread released its team (0.42 s). Call it on a thread that has finished its torch
+    work; a later parallel op starts a fresh team. False where the runtime is not GNU OpenMP."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return False
+    for path in sorted(paths):
+        try:
+            pause = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        return pause(1) == 0  # omp_pause_soft: the calling thread's idle team exits
+    return False
+
+
 # With compile=True, steps of at least this many rows run compiled elementwise steps (measured: slower at one
 # sequence's 179 rows, faster at 16 x 179 on a 2-core CPU).
 FUSION_MIN_ROWS = 1024

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import threading
 import time
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from dengine import LLM, LLMEngine, SamplingParams
 from dengine.async_engine import AsyncLLMEngine
+from dengine.engine import release_openmp_threads
 from dengine.serve.server import OpenAIServer, create_app
 
 DEFAULTS = SamplingParams(gen_length=32, block_length=8)
@@ -289,3 +293,50 @@ def test_gauges_follow_the_engine_without_a_scrape_aborts_included(chat_folders)
     assert during == 1 and after == 0
     assert server.metrics.registry.get_sample_value("dengine_kv_cache_usage",
                                                     {"model": "tiny", "replica": "local"}) == 0
+
+
+def test_every_step_runs_on_the_engines_one_step_thread(chat_folders, seed):
+    # Each thread that runs torch ops keeps its own OpenMP team; the async engine steps on one thread only.
+    engine = AsyncLLMEngine(_engine(chat_folders["llada"]))
+    threads = []
+    step = engine.engine.step
+    engine.engine.step = lambda: threads.append(threading.get_ident()) or step()
+    params = SamplingParams(gen_length=16, block_length=8, seed=seed % 1000)
+
+    async def run():
+        return await asyncio.gather(*(engine.generate_full(f"Add: a{i} b2", params) for i in range(3)))
+
+    for _ in range(2):  # a fresh event loop each time, as a second asyncio.run would have
+        assert len(asyncio.run(run())) == 3
+    assert len(threads) >= 4 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="counts threads in /proc; OpenMP builds of torch only")
+def test_release_openmp_threads_ends_this_threads_team():
+    if not any("libgomp" in line for line in open("/proc/self/maps")):
+        pytest.skip("torch does not run on GNU OpenMP here")
+    counts = {}
+
+    def work():
+        torch.ones(1 << 22).add_(1)  # a parallel region: this thread's team of torch.get_num_threads()
+        counts["with team"] = _os_threads()
+        counts["released"] = release_openmp_threads()
+        counts["after"] = _os_threads()
+        torch.ones(1 << 22).add_(1)  # a later parallel op starts a fresh team
+        counts["again"] = _os_threads()
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(previous)
+    assert counts["released"] is True
+    assert counts["after"] == counts["with team"] - 1 and counts["again"] == counts["with team"]
