@@ -144,17 +144,18 @@ class LLMEngine:
         self._counter = itertools.count()
         self._ids: set[Hashable] = set()
 
-    # -- requests ---------------------------------------------------------------------------------
-
     def _prepack(self) -> bool:
         """bf16 on CPU: give the linear layers oneDNN-prepacked weights (PrepackedLinear) where the second
         copy of their weights takes at most PREPACK_MEMORY_FRACTION of the machine's memory."""
         weights = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
-        size = sum(w.numel() * w.element_size() for w in weights)
-        if not weights or size > PREPACK_MEMORY_FRACTION * total_memory_bytes(self.device) or not can_prepack(weights[0]):
+        if not weights or not can_prepack(weights[0]):  # CPU, bf16 and oneDNN's packed kernel only
+            return False
+        if sum(w.numel() * w.element_size() for w in weights) > PREPACK_MEMORY_FRACTION * total_memory_bytes(self.device):
             return False
         prepack_linears(self.model)
         return True
+
+    # -- requests ---------------------------------------------------------------------------------
 
     def prompt_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Text and token ids of a prompt, validated against the model's vocabulary."""
