@@ -82,6 +82,18 @@ def release_openmp_threads() -> bool:
 # Prepacked linear weights are a second copy of them: only where it takes at most this share of memory.
 PREPACK_MEMORY_FRACTION = 0.1
 
+def prepack_where_it_fits(model: torch.nn.Module) -> bool:
+    """bf16 on CPU: give model's linear layers oneDNN-prepacked weights (PrepackedLinear) where that second copy
+    of their weights takes at most PREPACK_MEMORY_FRACTION of the machine's memory; whether it did."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not weights or not can_prepack(weights[0]):  # CPU, bf16 and oneDNN's packed kernel only
+        return False
+    if sum(w.numel() * w.element_size() for w in weights) > PREPACK_MEMORY_FRACTION * total_memory_bytes(weights[0].device):
+        return False
+    prepack_linears(model)
+    return True
+
+
 # With compile=True, steps of at least this many rows run compiled elementwise steps (measured: slower at one
 # sequence's 179 rows, faster at 16 x 179 on a 2-core CPU).
 FUSION_MIN_ROWS = 1024
@@ -121,7 +133,7 @@ class LLMEngine:
         self.model_path = Path(model)
         self.model = load_model(self.model_path, dtype=dtype, device=self.device)
         self.config = self.model.config
-        self.prepacked = self._prepack()
+        self.prepacked = prepack_where_it_fits(self.model)
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.model_path)
         if self.tokenizer is not None:
             check_tokenizer_matches(self.config, self.tokenizer, self.model_path)
@@ -143,17 +155,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_manager, max_num_seqs, max_num_batched_tokens)
         self._counter = itertools.count()
         self._ids: set[Hashable] = set()
-
-    def _prepack(self) -> bool:
-        """bf16 on CPU: give the linear layers oneDNN-prepacked weights (PrepackedLinear) where the second
-        copy of their weights takes at most PREPACK_MEMORY_FRACTION of the machine's memory."""
-        weights = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
-        if not weights or not can_prepack(weights[0]):  # CPU, bf16 and oneDNN's packed kernel only
-            return False
-        if sum(w.numel() * w.element_size() for w in weights) > PREPACK_MEMORY_FRACTION * total_memory_bytes(self.device):
-            return False
-        prepack_linears(self.model)
-        return True
 
     # -- requests ---------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, measured_peak_flops, run_record, write_report
 from dengine.bench.throughput import flops_per_query_token
+from dengine.engine import prepack_where_it_fits
 from dengine.kv.kv_cache import PagedKVCache
 from dengine.llm import LLM, chat_prompt
 from dengine.model_runner import ModelRunner, SequenceQuery
@@ -96,16 +97,19 @@ def write_random_checkpoint(folder: Path, family: str, num_layers: int, seed: in
 
 
 def step_times(folders: list[Path], canvas: int, rows: list[int], block: int, repeats: int,
-               clock: Callable[[], float] = time.perf_counter) -> list[dict[int, float]]:
+               clock: Callable[[], float] = time.perf_counter, prepack: bool = True) -> list[dict[int, float]]:
     """Per checkpoint folder, the median seconds (by clock) of one step computing r rows of a canvas whose
     whole K/V is cached, per r in rows, logits at up to block of the rows (a block's masks) as a decoding
     step reads them. The folders' models take turns at every repetition, so that a change in the machine's
-    load between them does not masquerade as a difference."""
+    load between them does not masquerade as a difference. prepack: the linear weights prepacked where the
+    engine would prepack them (bf16 on CPU, the copy within its memory share)."""
     block_size = 16
     table = list(range(-(-canvas // block_size)))
     runners, tokens = [], None
     for folder in folders:
         model = load_model(folder, dtype="bfloat16")
+        if prepack:
+            prepack_where_it_fits(model)
         cache = PagedKVCache(model.config, len(table), block_size, torch.bfloat16, "cpu")
         runners.append(ModelRunner(model, cache))
         tokens = torch.randint(0, model.config.vocab_size, (canvas,), generator=torch.Generator().manual_seed(0))
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps by the process's CPU time instead of wall time (on a shared machine)")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="time the plain linear weights (the engine prepacks them on CPU where they fit)")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
     args = parser.parse_args(argv)
 
@@ -182,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not (folder / INDEX_FILE).is_file():
             write_random_checkpoint(folder, args.family, layers)
     clock = time.process_time if args.cpu_time else time.perf_counter
-    times = dict(zip(args.layers, step_times(folders, canvas, rows, args.block_length, args.repeats, clock)))
+    times = dict(zip(args.layers, step_times(folders, canvas, rows, args.block_length, args.repeats, clock,
+                                                   not args.no_prepack)))
     config = read_model_config(args.folder / f"{args.family}-{args.layers[0]}-layers")[1]
     full_layers = REAL_CONFIGS[args.family][LAYERS[args.family]]
     low, high = min(args.layers), max(args.layers)
@@ -192,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     one_layer_flops = {r: r * flops_per_query_token(config, canvas) / config.num_layers for r in rows}
 
     lines = [f"canvas {canvas} positions, bf16, {torch.get_num_threads()} threads, measured peak "
-             f"{peak / 1e12:.2f} TFLOP/s (wall); step time in ms ({'CPU' if args.cpu_time else 'wall'})\n",
+             f"{peak / 1e12:.2f} TFLOP/s (wall); step time in ms ({'CPU' if args.cpu_time else 'wall'}); linear "
+             f"weights {'plain' if args.no_prepack else 'prepacked where they fit'}\n",
              "| rows | " + " | ".join(f"{n} layers" for n in args.layers) + " | one layer | one layer's TFLOP/s "
              f"| predicted {full_layers} layers |", "|" + "---|" * (len(args.layers) + 4)]
     for r in rows:
@@ -214,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     markdown = "\n".join(lines)
     print(markdown)
     record = run_record("python -m dengine.bench.width", argv, check, peak_tflops=peak / 1e12,
-                        family=args.family, canvas=canvas, times={n: times[n] for n in args.layers},
+                        family=args.family, canvas=canvas, prepack=not args.no_prepack, times={n: times[n] for n in args.layers},
                         per_layer=per_layer, predicted_full_model=full_model, schedules=schedules)
     write_report(args.out, record, markdown)
     return record
