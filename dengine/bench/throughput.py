@@ -194,9 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
             results.extend(pair)
     markdown = table(results) + ("\n\n" + ratio_table(pairs) if pairs else "")
     print(markdown)
-    print(f"\nmeasured peak: {peak / 1e12:.2f} TFLOP/s ({dtype}, one 2048^3 matmul)")
+    print(f"\nmeasured peak: {peak / 1e12:.2f} TFLOP/s ({dtype}, one 2048^3 matmul); linear weights "
+          f"{'prepacked' if llm.engine.prepacked else 'plain'}")
     record = run_record("python -m dengine.bench.throughput", argv, check, peak_tflops=peak / 1e12,
-                        results=[asdict(r) for r in results])
+                        prepacked=llm.engine.prepacked, results=[asdict(r) for r in results])
     what = f"{args.model}: batched against one at a time"
     write_report(args.out, record, markdown,
                  (lambda path: plot(pairs, path, plot_title(record, what))) if args.plot and pairs else None)
