@@ -17,6 +17,7 @@ from dengine.bench.accuracy import compare, markdown_table, model_task
 from dengine.bench.policies import sampler_params
 from dengine.scheduler.policies.entropy import EntropyOptions
 from dengine.llm import LLM
+from dengine.models.layers import num_weights
 
 AGGRESSIVE = {"tau": 1e9, "k": 0}  # never refresh, never recompute committed tokens
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     task = model_task(args.model, args.task)
     llm = LLM(args.model)
     config = llm.engine.config
-    params = sum(p.numel() for p in llm.engine.model.parameters()) / 1e6
+    params = num_weights(llm.engine.model) / 1e6
     defaults = EntropyOptions()
     print(f"dengine main job: {args.model} ({config.model_type}-format, {params:.1f}M parameters, "
           f"{resolve_model(args.model)})\n"

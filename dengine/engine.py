@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from dengine.attention import select_backend
-from dengine.kv.kv_cache import PagedKVCache, resolve_memory_budget, total_memory_bytes
+from dengine.kv.kv_cache import PagedKVCache, resolve_memory_budget
 from dengine.kv.manager import KVCacheManager
 from dengine.scheduler.policies import make_policy, policy_class
 from dengine.model_runner import ModelRunner
@@ -79,17 +79,13 @@ def release_openmp_threads() -> bool:
     return False
 
 
-# Prepacked linear weights are a second copy of them: only where it takes at most this share of memory.
-PREPACK_MEMORY_FRACTION = 0.1
-
-def prepack_where_it_fits(model: torch.nn.Module) -> bool:
-    """bf16 on CPU: give model's linear layers oneDNN-prepacked weights (PrepackedLinear) where that second copy
-    of their weights takes at most PREPACK_MEMORY_FRACTION of the machine's memory; whether it did."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not weights or not can_prepack(weights[0]):  # CPU, bf16 and oneDNN's packed kernel only
+def prepack_if_supported(model: torch.nn.Module) -> bool:
+    """bf16 on CPU: give model's linear layers oneDNN-prepacked weights (PrepackedLinear, no extra memory) where
+    oneDNN's packed kernel runs and matches the plain one; whether it did."""
+    weights = [m.weight for m in model.modules() if type(m) is torch.nn.Linear]
+    if not weights or not can_prepack(weights[0]):
         return False
-    if sum(w.numel() * w.element_size() for w in weights) > PREPACK_MEMORY_FRACTION * total_memory_bytes(weights[0].device):
-        return False
+    del weights
     prepack_linears(model)
     return True
 
@@ -133,7 +129,7 @@ class LLMEngine:
         self.model_path = Path(model)
         self.model = load_model(self.model_path, dtype=dtype, device=self.device)
         self.config = self.model.config
-        self.prepacked = prepack_where_it_fits(self.model)
+        self.prepacked = prepack_if_supported(self.model)
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.model_path)
         if self.tokenizer is not None:
             check_tokenizer_matches(self.config, self.tokenizer, self.model_path)

@@ -10,7 +10,7 @@ import torch
 
 from checkpoints import VOCAB, hf_bidirectional_logits, hf_oracle, write_checkpoint
 from dengine import ModelRunner, PagedKVCache, SequenceQuery, load_model
-from dengine.models.layers import PrepackedLinear, can_prepack, enable_fusion, prepack_linears
+from dengine.models.layers import can_prepack, enable_fusion, num_weights, prepack_linears
 from reference import dense_forward
 
 FAMILIES = ["llada", "dream"]
@@ -189,27 +189,31 @@ def test_fused_elementwise_steps_compute_what_eager_ones_compute(family_checkpoi
 
 def test_prepacked_linears_compute_what_plain_ones_compute(family_checkpoint, seed):
     """bf16 on CPU: oneDNN-prepacked weights give the plain linears' results bit for bit (Dream's qkv has a
-    bias), on a full and a partial step; parameters and their names are unchanged."""
+    bias), on a full and a partial step and in dLLM-Cache's V-only projection; the plain weights are freed,
+    read back exactly through `weight`, and counted by num_weights."""
     family, folder, _ = family_checkpoint
     model = load_model(folder, dtype="bfloat16")
     if not can_prepack(model.lm_head.weight):
         pytest.skip("no oneDNN bf16 linear on this CPU")
     rng = random.Random(seed)
-    names = [name for name, _ in model.named_parameters()]
     length = rng.randint(20, 70)
     tokens = torch.randint(0, VOCAB, (length,))
     partial = torch.tensor(sorted(rng.sample(range(length), rng.randint(1, 18))))
     table = list(range(-(-length // 8)))
+    x = torch.randn(rng.randint(1, 40), model.config.hidden_size).to(torch.bfloat16)
 
     def run():
         runner = _runner(model, 8, len(table))
         full = runner.run([SequenceQuery(tokens, table, torch.arange(length))])[0]
-        return full, runner.run([SequenceQuery(tokens.flip(0), table, partial)])[0]
+        part = runner.run([SequenceQuery(tokens.flip(0), table, partial)])[0]
+        return full, part, model.layers[-1].attn.values(x)
 
-    plain = run()
-    assert prepack_linears(model) == 4 * model.config.num_layers + 1
+    plain, count = run(), num_weights(model)
+    weights = {name: m.weight.clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert prepack_linears(model) == len(weights) == 4 * model.config.num_layers + 1
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
-    assert sum(isinstance(m, PrepackedLinear) for m in model.modules()) == 4 * model.config.num_layers + 1
-    assert [name for name, _ in model.named_parameters()] == names
+    assert not any(name.endswith("proj.weight") or name == "lm_head.weight" for name, _ in model.named_parameters())
+    assert all(torch.equal(model.get_submodule(name).weight, w) for name, w in weights.items())
+    assert num_weights(model) == count
     packed = run()
     assert all(torch.equal(a, b) for a, b in zip(plain, packed)), family

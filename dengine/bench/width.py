@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, measured_peak_flops, run_record, write_report
 from dengine.bench.throughput import flops_per_query_token
-from dengine.engine import prepack_where_it_fits
+from dengine.engine import prepack_if_supported
 from dengine.kv.kv_cache import PagedKVCache
 from dengine.llm import LLM, chat_prompt
 from dengine.model_runner import ModelRunner, SequenceQuery
@@ -101,15 +101,15 @@ def step_times(folders: list[Path], canvas: int, rows: list[int], block: int, re
     """Per checkpoint folder, the median seconds (by clock) of one step computing r rows of a canvas whose
     whole K/V is cached, per r in rows, logits at up to block of the rows (a block's masks) as a decoding
     step reads them. The folders' models take turns at every repetition, so that a change in the machine's
-    load between them does not masquerade as a difference. prepack: the linear weights prepacked where the
-    engine would prepack them (bf16 on CPU, the copy within its memory share)."""
+    load between them does not masquerade as a difference. prepack: the linear weights prepacked as the engine
+    prepacks them (bf16 on CPU)."""
     block_size = 16
     table = list(range(-(-canvas // block_size)))
     runners, tokens = [], None
     for folder in folders:
         model = load_model(folder, dtype="bfloat16")
         if prepack:
-            prepack_where_it_fits(model)
+            prepack_if_supported(model)
         cache = PagedKVCache(model.config, len(table), block_size, torch.bfloat16, "cpu")
         runners.append(ModelRunner(model, cache))
         tokens = torch.randint(0, model.config.vocab_size, (canvas,), generator=torch.Generator().manual_seed(0))
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps by the process's CPU time instead of wall time (on a shared machine)")
     parser.add_argument("--no-prepack", action="store_true",
-                        help="time the plain linear weights (the engine prepacks them on CPU where they fit)")
+                        help="time the plain linear weights (the engine prepacks them for bf16 on CPU)")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
     args = parser.parse_args(argv)
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     lines = [f"canvas {canvas} positions, bf16, {torch.get_num_threads()} threads, measured peak "
              f"{peak / 1e12:.2f} TFLOP/s (wall); step time in ms ({'CPU' if args.cpu_time else 'wall'}); linear "
-             f"weights {'plain' if args.no_prepack else 'prepacked where they fit'}\n",
+             f"weights {'plain' if args.no_prepack else 'prepacked'}\n",
              "| rows | " + " | ".join(f"{n} layers" for n in args.layers) + " | one layer | one layer's TFLOP/s "
              f"| predicted {full_layers} layers |", "|" + "---|" * (len(args.layers) + 4)]
     for r in rows:

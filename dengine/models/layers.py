@@ -129,25 +129,34 @@ class SelfAttention(nn.Module):
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
         """V alone [n, kv_heads, head_dim] of x's rows (dLLM-Cache compares it with the cached V)."""
-        start = self.q_size + self.kv_size
-        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[start:]
-        return F.linear(x, self.qkv_proj.weight[start:], bias).view(-1, self.num_kv_heads, self.head_dim)
+        start, proj = self.q_size + self.kv_size, self.qkv_proj
+        bias = None if proj.bias is None else proj.bias[start:]
+        weight = proj.kept if isinstance(proj, PrepackedLinear) else proj.weight[start:]
+        return F.linear(x, weight, bias).view(-1, self.num_kv_heads, self.head_dim)
 
 
 class PrepackedLinear(nn.Module):
     """A bf16 nn.Linear on CPU whose weight oneDNN lays out once for its matmul kernel.
 
     torch's bf16 linear on CPU calls oneDNN, which reorders the plain weight into its blocked layout on every
-    call: a fixed cost that dominates small steps (an 18-row partial step's 256 x 1536 projection, 2 threads:
-    39 us plain, 28.5 us prepacked). Same kernel, same results bit for bit (checked when packing and in
-    tests/test_forward.py). The plain weight stays a parameter (dLLM-Cache reads V's rows, references read
-    it), so the linear weights take twice their memory; the engine packs only where that fits easily."""
+    call: a fixed cost that dominates small steps (an 18-row step's 256 x 1536 projection, 2 threads: 39 us
+    plain, 28.5 us prepacked; a 4096 x 12288 one, 6.3 against 4.1 ms). Same kernel, same results bit for bit
+    (checked when packing and in tests/test_forward.py). The plain weight is not kept, so the weights take
+    the memory they took before: `weight` reads it back from the packed layout (a copy, for references and
+    tools), and `kept` holds the plain rows from keep_from on (qkv's V rows, which dLLM-Cache multiplies
+    alone), or None."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, keep_from: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = linear.bias
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.kept = None if keep_from is None else weight[keep_from:].clone()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -168,13 +177,21 @@ def can_prepack(weight: torch.Tensor) -> bool:
 
 
 def prepack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear of model by a PrepackedLinear sharing its parameters; returns how many."""
-    linears = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if type(child) is nn.Linear]
+    """Replace every nn.Linear of model by a PrepackedLinear (the attention's qkv keeping V's plain rows), one at
+    a time, each plain weight freed as its packed copy replaces it; returns how many."""
+    places = [(parent, name) for parent in model.modules()
+              for name, child in parent.named_children() if type(child) is nn.Linear]
     with torch.no_grad():
-        for parent, name, child in linears:
-            setattr(parent, name, PrepackedLinear(child))
-    return len(linears)
+        for parent, name in places:
+            keep_from = parent.q_size + parent.kv_size if isinstance(parent, SelfAttention) and name == "qkv_proj" else None
+            setattr(parent, name, PrepackedLinear(getattr(parent, name), keep_from))
+    return len(places)
+
+
+def num_weights(model: nn.Module) -> int:
+    """The model's parameter count, prepacked linear weights included."""
+    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PrepackedLinear))
+    return packed + sum(p.numel() for p in model.parameters())
 
 
 class SwiGLU(nn.Module):
