@@ -6,19 +6,22 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import uvicorn
 
 from dengine import LLMEngine, SamplingParams
+from dengine.assets import resolve_model
 from dengine.async_engine import AsyncLLMEngine
 from dengine.bench import serve_load
 from dengine.serve.server import OpenAIServer, create_app
 
 
-@pytest.fixture(scope="module")
-def server_url(chat_folders):
-    engine = LLMEngine(chat_folders["llada"], dtype="float32", kv_cache_memory=1 << 24, block_size=8)
+@contextmanager
+def _served(folder):
+    """An OpenAI server named "tiny" over folder's model on a loopback port, in a thread; yields its URL."""
+    engine = LLMEngine(folder, dtype="float32", kv_cache_memory=1 << 24, block_size=8)
     server = OpenAIServer(AsyncLLMEngine(engine), "tiny", SamplingParams(gen_length=32, block_length=8))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,9 +38,23 @@ def server_url(chat_folders):
     thread.join(timeout=30)
 
 
-def test_closed_loop_sweep_measures_every_request(server_url, tmp_path):
+@pytest.fixture(scope="module")
+def server_url(chat_folders):
+    with _served(chat_folders["llada"]) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def reversal_server_url():
+    """The embedded digit-reversal model: it answers the benchmark's default questions with digits, never an
+    empty answer (a 2-step tiny model may end every answer at once, leaving no output tokens to count)."""
+    with _served(resolve_model("llada-reverse")) as url:
+        yield url
+
+
+def test_closed_loop_sweep_measures_every_request(reversal_server_url, tmp_path):
     out = tmp_path / "serve"
-    record = serve_load.main(["--url", server_url, "--sweep-concurrency", "1", "3", "--num-requests", "6",
+    record = serve_load.main(["--url", reversal_server_url, "--sweep-concurrency", "1", "3", "--num-requests", "6",
                               "--max-tokens", "32", "--extra", '{"block_length": 8}', "--out", str(out), "--plot",
                               "--no-tqdm"])
     assert record["model"] == "tiny"
