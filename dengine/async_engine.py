@@ -86,7 +86,7 @@ class AsyncLLMEngine:
         self._stats_changed = False
         # Every step on one thread: each thread running torch ops keeps its own OpenMP team.
         self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dengine-step")
-        release_openmp_threads()  # the loading thread's team would make the step thread's team sleep
+        release_openmp_threads()  # this thread's team (if it ran torch work since) would make the step thread's sleep
 
     @classmethod
     def from_model(cls, model: Any = None, **engine_kwargs: Any) -> AsyncLLMEngine:

@@ -151,6 +151,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_manager, max_num_seqs, max_num_batched_tokens)
         self._counter = itertools.count()
         self._ids: set[Hashable] = set()
+        # Loading ran parallel ops on this thread: give its OpenMP team back, in case another thread steps the
+        # engine (a server's step thread, a web worker); if this one does, its first step starts a fresh team.
+        release_openmp_threads()
 
     # -- requests ---------------------------------------------------------------------------------
 
