@@ -82,10 +82,9 @@ def release_openmp_threads() -> bool:
 def prepack_if_supported(model: torch.nn.Module) -> bool:
     """bf16 on CPU: give model's linear layers oneDNN-prepacked weights (PrepackedLinear, no extra memory) where
     oneDNN's packed kernel runs and matches the plain one; whether it did."""
-    weights = [m.weight for m in model.modules() if type(m) is torch.nn.Linear]
-    if not weights or not can_prepack(weights[0]):
+    first = next((m.weight for m in model.modules() if type(m) is torch.nn.Linear), None)
+    if first is None or not can_prepack(first):
         return False
-    del weights
     prepack_linears(model)
     return True
 
