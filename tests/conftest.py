@@ -19,6 +19,11 @@ def pytest_report_header(config):
     return f"dengine test seed: {SEED} (rerun with DENGINE_TEST_SEED={SEED})"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The seed again at the end (`-q` hides the header), so a failure found in CI can be replayed."""
+    terminalreporter.write_line(pytest_report_header(config))
+
+
 @pytest.fixture
 def seed(request) -> int:
     """A per-test seed derived from the run's seed, so every run draws fresh random inputs."""
