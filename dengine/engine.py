@@ -16,7 +16,7 @@ from dengine.kv.kv_cache import PagedKVCache, resolve_memory_budget
 from dengine.kv.manager import KVCacheManager
 from dengine.scheduler.policies import make_policy, policy_class
 from dengine.model_runner import ModelRunner
-from dengine.models.layers import can_prepack, enable_fusion, prepack_linears
+from dengine.models.layers import enable_fusion, prepack_if_supported
 from dengine.models.loader import load_model
 from dengine.outputs import RequestMetrics, RequestOutput
 from dengine.sampling_params import SamplingParams
@@ -77,16 +77,6 @@ def release_openmp_threads() -> bool:
             continue
         return pause(1) == 0  # omp_pause_soft: the calling thread's idle team exits
     return False
-
-
-def prepack_if_supported(model: torch.nn.Module) -> bool:
-    """bf16 on CPU: give model's linear layers oneDNN-prepacked weights (PrepackedLinear, no extra memory) where
-    oneDNN's packed kernel runs and matches the plain one; whether it did."""
-    first = next((m.weight for m in model.modules() if type(m) is torch.nn.Linear), None)
-    if first is None or not can_prepack(first):
-        return False
-    prepack_linears(model)
-    return True
 
 
 # With compile=True, steps of at least this many rows run compiled elementwise steps (measured: slower at one

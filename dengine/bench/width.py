@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, measured_peak_flops, run_record, write_report
 from dengine.bench.throughput import flops_per_query_token
-from dengine.engine import prepack_if_supported
 from dengine.kv.kv_cache import PagedKVCache
 from dengine.llm import LLM, chat_prompt
 from dengine.model_runner import ModelRunner, SequenceQuery
+from dengine.models.layers import prepack_if_supported
 from dengine.models.loader import INDEX_FILE, load_model, read_model_config
 from dengine.tasks import task_of_folder
 

@@ -188,6 +188,16 @@ def prepack_linears(model: nn.Module) -> int:
     return len(places)
 
 
+def prepack_if_supported(model: nn.Module) -> bool:
+    """bf16 on CPU: give model's linear layers oneDNN-prepacked weights (PrepackedLinear, no extra memory) where
+    oneDNN's packed kernel runs and matches the plain one; whether it did."""
+    first = next((m.weight for m in model.modules() if type(m) is nn.Linear), None)
+    if first is None or not can_prepack(first):
+        return False
+    prepack_linears(model)
+    return True
+
+
 def num_weights(model: nn.Module) -> int:
     """The model's parameter count, prepacked linear weights included."""
     packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PrepackedLinear))
