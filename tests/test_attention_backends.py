@@ -125,3 +125,25 @@ def test_a_sequence_alone_computes_what_sdpa_computes_for_it_in_a_group(seed):
     assert (alone - _sdpa(q, k, v)).abs().max() < 1e-12
     q32, k32, v32 = q.float(), k.float(), v.float()  # fp32 and lower keep an fp32 softmax
     assert (math_attention(q32, k32, v32).double() - _sdpa(q, k, v)).abs().max() < 1e-4
+
+
+def test_written_out_bf16_attention_keeps_the_scores_in_fp32(seed):
+    """On bf16 operands the CPU path is about as accurate as SDPA's kernel (what the official LLaDA and Dream code
+    runs), which keeps q k^T in fp32: rounding the scores to bf16 before the softmax made the attention's error
+    4-6x SDPA's (measured 0.9% against 0.16% of the output's size)."""
+    from dengine.attention.torch_sdpa import _sdpa, math_attention
+
+    rng = random.Random(seed)
+    kv_heads = rng.choice([1, 2, 4, 8])
+    heads, head_dim = kv_heads * rng.choice([1, 2, 4]), rng.choice([32, 64, 128])
+    n, s = rng.randint(8, 64), rng.randint(64, 320)
+    q = (torch.randn(2, heads, n, head_dim) * 2).bfloat16()
+    k = (torch.randn(2, kv_heads, s, head_dim) * 2).bfloat16()
+    v = torch.randn(2, kv_heads, s, head_dim).bfloat16()
+    truth = _sdpa(q.double(), k.double(), v.double())
+
+    def error(out: torch.Tensor) -> float:
+        return ((out.double() - truth).abs().mean() / truth.abs().mean()).item()
+
+    sdpa = error(_sdpa(q, k, v))
+    assert error(math_attention(q, k, v)) < 2 * sdpa, (error(math_attention(q, k, v)), sdpa)
