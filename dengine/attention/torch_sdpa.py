@@ -3,8 +3,9 @@
 Sequences with the same (query count, canvas length) are attended together: in a batch of equal prompts
 every step is one group, and nothing is ever padded. On GPU a group is one call of torch's
 scaled_dot_product_attention. On CPU it is written out (q k^T in fp32, an fp32 softmax, the probabilities in
-the operands' dtype for the matmul with contiguous values, as SDPA's own CPU kernel keeps them), in chunks of sequences whose fp32 scores stay within about a core's L2, and a
-lone sequence whose blocks are adjacent reads its keys in place: torch's CPU SDPA kernel is slower
+the operands' dtype for the matmul with contiguous values, as SDPA's own CPU kernel keeps them), in chunks of
+sequences whose fp32 scores stay within about a core's L2, and a lone sequence whose blocks are adjacent
+reads its keys in place: torch's CPU SDPA kernel is slower
 (measured on a shared 2-core machine, bf16, 8 heads of 32 over 179 positions, one thread: 16 full
 recomputes 10.4 ms per layer against 6.4 ms written out per sequence; 16 partial steps of 18 rows 1.1 ms
 against 0.56 ms batched). GQA folds each KV head's query heads into one matmul.
