@@ -47,33 +47,44 @@ def best_setting(results: list[PolicyResult], tolerance: float, same_work: float
         return None
     least = min(r.avg_query_tokens for r in eligible)
     tied = [r for r in eligible if r.avg_query_tokens <= least * (1 + same_work)]
-    return min(tied, key=lambda r: (r.cache_config["tau"], -r.cache_config["k"]))
+    return min(tied, key=lambda r: conservative(r.cache_config))
 
 
 def joint_best(runs: list[list[dict]], tolerance: float) -> tuple[dict | None, list[str]]:
     """The (tau, k) within tolerance (fraction) of "none" in every run (lists of PolicyResult dicts), with the
     least summed relative work; ties (within 5%) go to the most conservative. Also a table of candidates."""
-    candidates: dict[tuple[float, int], list[dict]] = {}
+    candidates: dict[str, list[dict]] = {}
     for results in runs:
         for r in results[1:]:
             if r["policy"] == "entropy" and r["cache_config"]:
-                candidates.setdefault((r["cache_config"]["tau"], r["cache_config"]["k"]), []).append(r)
+                candidates.setdefault(json.dumps(r["cache_config"], sort_keys=True), []).append(r)
     rows, eligible = [], []
-    for (tau, k), found in sorted(candidates.items()):
+    for key, found in sorted(candidates.items(), key=lambda item: conservative(json.loads(item[0]))):
         if len(found) != len(runs):
             continue
+        config = json.loads(key)
         drops = [results[0]["accuracy"] - r["accuracy"] for results, r in zip(runs, found)]
         work = sum(r["avg_query_tokens"] / results[0]["avg_query_tokens"] for results, r in zip(runs, found))
         ok = all(drop <= tolerance + 1e-12 for drop in drops)
-        rows.append(f"| {tau:g} | {k} | {' / '.join(f'{-100 * d:+.1f}' for d in drops)} | {work:.2f} | "
-                    f"{'yes' if ok else ''} |")
+        rows.append(f"| {config['tau']:g} | {config['k']} | {variant(config)} | "
+                    f"{' / '.join(f'{-100 * d:+.1f}' for d in drops)} | {work:.2f} | {'yes' if ok else ''} |")
         if ok:
-            eligible.append((work, tau, k))
+            eligible.append((work, config))
     if not eligible:
         return None, rows
-    least = min(work for work, _, _ in eligible)
-    _, tau, k = min((e for e in eligible if e[0] <= least * 1.05), key=lambda e: (e[1], -e[2]))
-    return {"tau": tau, "k": k}, rows
+    least = min(work for work, _ in eligible)
+    return min((c for w, c in eligible if w <= least * 1.05), key=conservative), rows
+
+
+def conservative(config: dict) -> tuple:
+    """The order in which ties in work are broken: lowest tau, then largest k (then the variant's text)."""
+    return config["tau"], -config["k"], variant(config)
+
+
+def variant(config: dict) -> str:
+    """The options of a setting other than tau and k ('' for the paper's rule at the sampler's defaults)."""
+    rest = {name: value for name, value in config.items() if name not in ("tau", "k")}
+    return json.dumps(rest, sort_keys=True) if rest else ""
 
 
 def combine(paths: list[Path], tolerance: float) -> dict | None:
@@ -85,8 +96,8 @@ def combine(paths: list[Path], tolerance: float) -> dict | None:
             runs.append(results)
             names.append(f"{record['model']} {sampler}")
     best, rows = joint_best(runs, tolerance / 100)
-    print(f"runs: {' / '.join(names)}\n\n| tau | k | accuracy vs none (points, per run) | work (sum of query tokens "
-          f"relative to none) | within {tolerance} points in every run |\n|---|---|---|---|---|")
+    print(f"runs: {' / '.join(names)}\n\n| tau | k | other options | accuracy vs none (points, per run) | work (sum of "
+          f"query tokens relative to none) | within {tolerance} points in every run |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\njoint choice (least summed work, ties -> most conservative): {json.dumps(best)}")
     return best
@@ -104,11 +115,13 @@ def plot(runs: dict[str, list[PolicyResult]], best: dict[str, PolicyResult | Non
                                                     ("wall_s", "wall time (s)"))):
                 ax = axes[row][col]
                 grid = [r for r in results if r.policy == "entropy" and r.cache_config]
-                ks = sorted({r.cache_config["k"] for r in grid})
-                for i, k in enumerate(ks):
-                    points = sorted((r for r in grid if r.cache_config["k"] == k), key=lambda r: r.cache_config["tau"])
-                    ax.plot([getattr(r, metric) for r in points], [100 * r.accuracy for r in points], marker="o",
-                            color=f"C{i}", alpha=0.8, label=f"entropy k={k} (tau rising)")
+                lines = sorted({(variant(r.cache_config), r.cache_config["k"]) for r in grid})
+                for i, (extra, k) in enumerate(lines):
+                    points = sorted((r for r in grid if (variant(r.cache_config), r.cache_config["k"]) == (extra, k)),
+                                    key=lambda r: r.cache_config["tau"])
+                    ax.plot([getattr(r, metric) for r in points], [100 * r.accuracy for r in points],
+                            marker="o^sD"[i // 10 % 4], linestyle="-" if not extra else "--", color=f"C{i % 10}",
+                            alpha=0.8, label=f"entropy k={k} {extra} (tau rising)")
                 others = [r for r in results if r not in grid]
                 for j, r in enumerate(others):
                     ax.scatter(getattr(r, metric), 100 * r.accuracy, marker="s*^Dvx<>P"[j % 9], s=70, color="black",
@@ -132,6 +145,10 @@ def main(argv: list[str] | None = None) -> dict[str, PolicyResult | None] | dict
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--taus", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, NEVER])
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2, 4, 8, 32])
+    parser.add_argument("--variants", nargs="+", default=["{}"],
+                        help="JSON options added to every (tau, k) of the grid, one grid per variant, e.g. "
+                             '\'{}\' \'{"signal": "sum", "accumulate": true, "recent_steps": 1}\' ({} leaves the '
+                             "other options at the sampler's defaults)")
     parser.add_argument("--baselines", nargs="+", default=["dual", "dllm", "d2cache"],
                         help="published policies at their published settings, run on the same problems")
     parser.add_argument("--samplers", nargs="+", default=["one-token", "threshold:0.9"],
@@ -153,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, PolicyResult | None] | dict
     check = QuietCheck()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.batch_size)
     problems = task.held_out(args.n)
-    grid = [("entropy", {"tau": tau, "k": k}) for tau, k in itertools.product(args.taus, args.ks)]
+    grid = [("entropy", {"tau": tau, "k": k, **json.loads(extra)})
+            for extra, tau, k in itertools.product(args.variants, args.taus, args.ks)]
     policies = [("none", None), *(parse_policy(p) for p in args.baselines), *grid]
     runs, best, sections = {}, {}, []
     for sampler in args.samplers:

@@ -2,7 +2,7 @@
 
     dengine demo [--model M] [--n 64]                      the main job (same as `python -m dengine`)
     dengine serve [--model M] [--replicas N] [--port P]    the OpenAI-compatible server on Ray Serve
-    dengine bench {accuracy,policies,throughput,serve,drift,chaos,width} ... benchmarks (`dengine bench chaos --help`)
+    dengine bench {accuracy,policies,throughput,serve,drift,chaos,width,headline} ... benchmarks (`dengine bench chaos --help`)
     dengine explore TRACE.json [...] -o page.html         the denoising trace explorer as one offline page
 """
 
@@ -17,7 +17,8 @@ import time
 
 BENCHMARKS = {"accuracy": "dengine.bench.accuracy", "policies": "dengine.bench.policies",
               "throughput": "dengine.bench.throughput", "serve": "dengine.bench.serve_load",
-              "drift": "dengine.bench.drift", "chaos": "dengine.bench.chaos", "width": "dengine.bench.width"}
+              "drift": "dengine.bench.drift", "chaos": "dengine.bench.chaos", "width": "dengine.bench.width",
+              "headline": "dengine.bench.headline"}
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -98,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dengine", description="dengine: serving diffusion language models")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="decode held-out problems on the embedded model (python -m dengine)")
-    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    # demo, bench and explore hand every argument after their name to their own parser (its --help is theirs)
+    commands.add_parser("demo", help="decode held-out problems on the embedded model (python -m dengine)",
+                        add_help=False)
 
     serve = commands.add_parser("serve", help="the OpenAI-compatible API on Ray Serve")
     serve.add_argument("--model", default=None, help="checkpoint folder or embedded model name (default llada-sudoku)")
@@ -125,26 +127,32 @@ def main(argv: list[str] | None = None) -> None:
 
     bench = commands.add_parser(
         "bench", help="benchmarks: accuracy, policies, throughput (offline), serve (load on a server), drift, chaos "
-                      "(a replica killed under load), width (step cost at the real models' width)")
-    bench.add_argument("which", choices=sorted(BENCHMARKS))
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+                      "(a replica killed under load), width (step cost at the real models' width), headline (cache policies "
+                      "with parallel decoding against vanilla on a long task)", add_help=False)
+    bench.add_argument("which", nargs="?", choices=sorted(BENCHMARKS),
+                       help="the benchmark; `dengine bench NAME --help` for its options")
 
-    explore = commands.add_parser("explore", help="write the trace explorer page with traces embedded")
-    explore.add_argument("rest", nargs=argparse.REMAINDER)
+    commands.add_parser("explore", help="write the trace explorer page with traces embedded", add_help=False)
 
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command == "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "explore":
         from dengine.explore import main as explore_main
 
-        explore_main(args.rest)
+        explore_main(rest)
     elif args.command == "bench":
         import importlib
 
-        importlib.import_module(BENCHMARKS[args.which]).main(args.rest)
+        if args.which is None:
+            bench.print_help()
+            raise SystemExit(0 if rest in ([], ["-h"], ["--help"]) else 2)
+
+        importlib.import_module(BENCHMARKS[args.which]).main(rest)
     elif args.command == "demo":
         from dengine.__main__ import main as demo_main
 
-        demo_main(args.rest)
+        demo_main(rest)
     elif args.command == "serve":
         _serve(args)
 

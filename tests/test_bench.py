@@ -191,3 +191,33 @@ def test_width_interpolation_is_linear_between_measured_rows():
 
     times = {1: 1.0, 8: 2.0, 40: 6.0}
     assert interpolate(times, 8) == 2.0 and interpolate(times, 24) == 4.0 and interpolate(times, 48) == 7.0
+
+
+def test_headline_prices_every_run_against_vanilla(tiny_models, tmp_path, capsys):
+    from dengine.bench import headline
+
+    width = {"command": "dengine bench width", "canvas": 170, "commit": "abc", "date": "2026-12-05",
+             "predicted_full_model": {"1": 0.5, "32": 1.5, "256": 8.5}}
+    (tmp_path / "width.json").write_text(json.dumps(width))
+    rows = headline.main(["--model", str(tiny_models / "llada"), "--n", "3", "--policies", "entropy", "dual",
+                          "--batch-size", "2", "--wall-n", "1", "--width-record", str(tmp_path / "width.json"),
+                          "--dtype", "float32", "--no-tqdm", "--out", str(tmp_path / "h"), "--plot"])
+    assert [(r.label, r.sampler) for r in rows] == [("vanilla", "one-token"), ("none", "threshold:0.9"),
+                                                    ("entropy", "threshold:0.9"), ("dual", "threshold:0.9")]
+    vanilla = rows[0].result
+    assert vanilla.nfe == 128 and vanilla.full_recompute_rate == 1.0  # one token per step, every step full
+    for row in rows:
+        r = row.result
+        assert row.cost == pytest.approx(r.nfe * r.avg_query_tokens)
+        assert row.cost_speedup == pytest.approx(vanilla.nfe * vanilla.avg_query_tokens / row.cost)
+        rows_per_forward = r.avg_query_tokens  # priced by hand: linear between 32 and 256 rows, or 1 and 32
+        low, high = (1, 32) if rows_per_forward <= 32 else (32, 256)
+        step = width["predicted_full_model"][str(low)] + (
+            width["predicted_full_model"][str(high)] - width["predicted_full_model"][str(low)]) * (
+            rows_per_forward - low) / (high - low)
+        assert row.predicted_s == pytest.approx(r.nfe * step)
+        assert row.predicted_speedup == pytest.approx(rows[0].predicted_s / row.predicted_s)
+        assert row.batch1_speedup is not None and row.batch1_speedup > 0
+    assert rows[0].cost_speedup == 1.0 and rows[3].cost_speedup > 1.0  # dual computes fewer rows per forward
+    assert "cost-side speedup" in capsys.readouterr().out
+    assert (tmp_path / "h.png").stat().st_size > 0 and json.loads((tmp_path / "h.json").read_text())["rows"]

@@ -61,6 +61,27 @@ def test_drift_equals_the_dense_reference_by_hand(folders, family, seed):
             assert step.signals["max_one_minus_confidence"] == pytest.approx(float((1 - confidence).max()), rel=1e-6)
     assert next(steps, None) is None
     assert not engine.has_unfinished_requests()
+    # (c) windows: the drift of the prompt and the tokens committed before s, from canvas s to s + j
+    commits = [[p for p, c in trajectory.commit_step.items() if c == s] for s in range(len(kv))]
+    expected = []
+    for s in range(len(kv) - 1):
+        if not commits[s]:
+            continue
+        settled = list(range(len(prompt))) + [p for p, c in trajectory.commit_step.items() if c < s]
+        entropy_mass = 0.0
+        for j in range(1, drift.MAX_WINDOW + 1):
+            if s + j >= len(kv):
+                break
+            new, old = kv[s + j][:, :, settled], kv[s][:, :, settled]
+            expected.append((float(j), sum(len(commits[t]) for t in range(s, s + j)),
+                             float((new - old).norm() / new.norm())))
+    assert len(trajectory.windows) == len(expected)
+    for window, (steps_in, commits_in, value) in zip(trajectory.windows, expected):
+        assert (window["steps"], window["num_commits"]) == (steps_in, commits_in)
+        assert window["drift_settled"] == pytest.approx(value, rel=1e-5)
+    for window in trajectory.windows:
+        assert window["sum_step_max_entropy"] >= window["max_entropy"] - 1e-12
+        assert window["sum_entropy"] >= window["max_entropy"] - 1e-12
 
 
 def test_spearman_and_ranks_by_hand():

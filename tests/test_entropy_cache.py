@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import msgspec
 import pytest
 import torch
 
@@ -175,3 +176,78 @@ def test_entropy_options_are_validated(folders):
     for config, message in (({"tau": -1.0}, "tau"), ({"k": -2}, "k"), ({"window": 3}, "unknown field")):
         with pytest.raises(ValueError, match=f"cache_config for policy 'entropy'.*{message}"):
             _llm(folders["llada"], cache_config=config)
+
+
+def _commit(policy, positions, probs, full=False, seq=None):
+    policy.observe(seq, StepOutcome(torch.tensor(positions, dtype=torch.long), torch.zeros(len(positions)), probs),
+                   full=full)
+
+
+def test_parallel_options_by_hand():
+    """Entropy mass, the budget since the last refresh and recent_steps, on crafted distributions."""
+    peaked = torch.tensor([[0.97, 0.01, 0.01, 0.01]])  # H = 0.1677
+    h = float(torch.special.entr(peaked).sum())
+    three = peaked.expand(3, 4)
+    paper = make_policy("entropy", {"tau": 0.3, "k": 1})
+    mass = make_policy("entropy", {"tau": 0.3, "k": 1, "signal": "sum"})
+    budget = make_policy("entropy", {"tau": 0.4, "k": 1, "signal": "sum", "accumulate": True, "recent_steps": 1})
+    for policy in (paper, mass, budget):
+        _commit(policy, [5, 6, 7], three, full=True)
+    assert paper.last_entropy == pytest.approx(h) and not paper.needs_full_recompute  # max 0.17 <= 0.3
+    assert mass.last_entropy == pytest.approx(3 * h) and mass.needs_full_recompute  # mass 0.50 > 0.3
+    assert budget.last_entropy == pytest.approx(3 * h) and budget.needs_full_recompute  # 0.50 > 0.4
+    assert paper.recent.tolist() == [5] and budget.recent.tolist() == [5, 6, 7], "recent_steps covers the step"
+    _commit(budget, [9], peaked, full=True)  # a refresh resets the budget
+    assert budget.last_entropy == pytest.approx(h) and not budget.needs_full_recompute
+    assert budget.recent.tolist() == [9]
+    _commit(budget, [1, 2], peaked.expand(2, 4))  # partial: 0.17 + 0.34 = 0.50 > 0.4
+    assert budget.last_entropy == pytest.approx(3 * h) and budget.needs_full_recompute
+    assert budget.recent.tolist() == [1, 2]
+    _commit(budget, [], peaked[:0])  # no commit: nothing changes
+    assert budget.recent.tolist() == [1, 2] and budget.needs_full_recompute
+    two_steps = make_policy("entropy", {"tau": 10.0, "k": 2, "recent_steps": 2})
+    for positions in ([3, 4, 8], [1], [6, 7], [2]):
+        _commit(two_steps, positions, peaked.expand(len(positions), 4))
+    assert two_steps.recent.tolist() == [2, 6, 7], "every token of the newest 2 steps (3 > k)"
+    _commit(two_steps, [11], peaked)
+    assert two_steps.recent.tolist() == [11, 2], "k when the newest steps hold fewer"
+
+
+def test_defaults_follow_the_sampler():
+    from dengine.scheduler.policies.entropy import ONE_TOKEN_DEFAULTS, PARALLEL_DEFAULTS, EntropyOptions
+
+    class Seq:
+        def __init__(self, parallel):
+            self.params = SamplingParams(gen_length=8, threshold=0.9 if parallel else None)
+
+    for parallel, defaults in ((False, ONE_TOKEN_DEFAULTS), (True, PARALLEL_DEFAULTS)):
+        policy = make_policy("entropy")
+        _commit(policy, [3], torch.full((1, 4), 0.25), seq=Seq(parallel))
+        assert msgspec.structs.asdict(policy.effective) == {**msgspec.structs.asdict(EntropyOptions()), **defaults}
+    chosen = make_policy("entropy", {"signal": "max", "tau": 0.5})
+    _commit(chosen, [3], torch.full((1, 4), 0.25), seq=Seq(True))
+    assert (chosen.effective.signal, chosen.effective.tau) == ("max", 0.5), "a set option is never overridden"
+    assert ONE_TOKEN_DEFAULTS["signal"] == "max" and not ONE_TOKEN_DEFAULTS["accumulate"] \
+        and ONE_TOKEN_DEFAULTS["recent_steps"] == 0, "one token per step keeps the paper's rule"
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_parallel_options_at_their_extremes(folders, family, seed):
+    """tau 0 is exact decoding whatever the signal; one token per step, signal sum equals the paper's max."""
+    rng = random.Random(seed)
+    prompt = {"prompt_token_ids": [rng.randrange(300) for _ in range(rng.randint(3, 9))]}
+    extra = {"remasking": "maskgit_plus"} if family == "dream" else {}
+    threshold = SamplingParams(gen_length=24, block_length=8, steps=12, threshold=0.3, **extra)
+    exact = _llm(folders[family], "none").generate(prompt, threshold, use_tqdm=False)[0]
+    budget = {"signal": "sum", "accumulate": True, "recent_steps": 2}
+    out = _llm(folders[family]).generate(prompt, threshold.replace(cache_config={"tau": 0.0, **budget}),
+                                        use_tqdm=False)[0]
+    assert out.token_ids == exact.token_ids and out.metrics.full_recompute_rate == 1.0
+    one = SamplingParams(gen_length=24, block_length=8, steps=24, **extra)
+    tau = rng.choice([0.05, 0.3, 1.0])
+    paper = _llm(folders[family]).generate(prompt, one.replace(cache_config={"tau": tau, "k": 2}), use_tqdm=False)[0]
+    summed = _llm(folders[family]).generate(
+        prompt, one.replace(cache_config={"tau": tau, "k": 2, "signal": "sum", "recent_steps": 1}), use_tqdm=False)[0]
+    assert summed.token_ids == paper.token_ids
+    assert summed.metrics.full_recomputes == paper.metrics.full_recomputes
+    assert summed.metrics.avg_query_tokens == paper.metrics.avg_query_tokens

@@ -10,6 +10,11 @@ commits. Their difference is exactly how stale a cache that skipped step s + 1's
     over every layer, K and V, every position (and over the positions not committed at s), against the
     maximum entropy of the tokens committed at s, and against cheaper or rival signals (mean entropy,
     max 1 - confidence, the number of commits): Spearman rank correlations over all steps of all problems;
+(c) for parallel decoding (several commits a step), the drift a cache accumulates: for every window of
+    j = 1..MAX_WINDOW steps starting at s, the drift from canvas s to s + j of the settled positions (the
+    prompt and the tokens committed before s: what a partial step reads from the cache) against signals of
+    the window's commits (entropy mass, max entropy, the sum of the steps' max entropies, commits, steps),
+    the candidates for a recompute trigger that works when many tokens commit per step;
 (b) volatility persists after unmasking: a token committed at step c keeps changing its own K/V at steps
     c + d (relative L2 per position, every layer); the mean per d = 0..16 says how many recent commits
     are worth recomputing (EntropyCache's k). d = 0 is the commit itself (its input changes from the mask).
@@ -37,7 +42,10 @@ from dengine.sampling_params import SamplingParams
 from dengine.tasks import generation_lengths
 
 MAX_LAG = 16
-SIGNALS = ("max_entropy", "mean_entropy", "max_one_minus_confidence", "num_commits")
+SIGNALS = ("max_entropy", "mean_entropy", "max_one_minus_confidence", "num_commits", "sum_entropy",
+           "count_x_max_entropy", "sum_one_minus_confidence")
+MAX_WINDOW = 8
+WINDOW_SIGNALS = ("sum_entropy", "max_entropy", "sum_step_max_entropy", "num_commits", "steps")
 
 
 class RecordingNoCache(NoCache):
@@ -58,6 +66,7 @@ class StepDrift:
     signals: dict[str, float]
     drift: float  # every position
     drift_others: float  # positions not committed at s
+    drift_settled: float  # the prompt and the tokens committed before s
     layer_drift: list[float]
 
 
@@ -69,14 +78,45 @@ class Trajectory:
     position_drift: torch.Tensor  # [num_steps - 1, T]: relative drift of each position between s and s + 1
     commit_step: dict[int, int]  # canvas position -> the step that committed it
     canvases: list[torch.Tensor] = field(default_factory=list)  # x_s for every step (kept for checking)
+    windows: list[dict[str, float]] = field(default_factory=list)  # window signals and drift_settled (see (c))
 
 
 def commit_signals(outcome: StepOutcome) -> dict[str, float]:
     """The candidate signals of one step's commits (natural-log entropies)."""
     entropy = torch.special.entr(outcome.probs.double()).sum(-1)
     confidence = outcome.probs.double().gather(-1, outcome.tokens[:, None]).squeeze(-1)
+    count = outcome.tokens.numel()
     return {"max_entropy": float(entropy.max()), "mean_entropy": float(entropy.mean()),
-            "max_one_minus_confidence": float((1 - confidence).max()), "num_commits": float(outcome.tokens.numel())}
+            "max_one_minus_confidence": float((1 - confidence).max()), "num_commits": float(count),
+            "sum_entropy": float(entropy.sum()), "count_x_max_entropy": count * float(entropy.max()),
+            "sum_one_minus_confidence": float((1 - confidence).sum())}
+
+
+def window_drift(snapshots: list[torch.Tensor], signals: list[dict[str, float] | None], settled: list[torch.Tensor],
+                 max_window: int = MAX_WINDOW) -> list[dict[str, float]]:
+    """(c): per window of j steps from s (s a step with commits), the drift of the positions settled before s
+    from snapshot s to s + j, and the window's signals. signals[s] is None for a step without commits."""
+    windows = []
+    for s, first in enumerate(signals):
+        if s + 1 >= len(snapshots):
+            break
+        if first is None:
+            continue
+        old = snapshots[s][:, :, settled[s]]
+        mass = peak = step_peaks = commits = 0.0
+        for j in range(1, max_window + 1):
+            if s + j >= len(snapshots):
+                break
+            step = signals[s + j - 1]
+            if step is not None:
+                mass += step["sum_entropy"]
+                peak = max(peak, step["max_entropy"])
+                step_peaks += step["max_entropy"]
+                commits += step["num_commits"]
+            windows.append({"steps": float(j), "sum_entropy": mass, "max_entropy": peak,
+                            "sum_step_max_entropy": step_peaks, "num_commits": commits,
+                            "drift_settled": relative_drift(snapshots[s + j][:, :, settled[s]], old)})
+    return windows
 
 
 def snapshot(engine: LLMEngine, table: list[int], num_tokens: int) -> torch.Tensor:
@@ -116,6 +156,13 @@ def decode_with_drift(engine: LLMEngine, prompt, params: SamplingParams, keep_ca
             break  # finished in its first step (parallel decoding): no later step to compare with
         snapshots.append(snapshot(engine, table, seq.num_tokens))
     steps, per_position, commit_step = [], [], {}
+    settled_now = torch.zeros(seq.num_tokens, dtype=torch.bool)
+    settled_now[: seq.prompt_len] = True
+    settled, signals = [], []
+    for outcome in recorder.outcomes:
+        settled.append(settled_now.clone())
+        settled_now[outcome.positions] = True
+        signals.append(commit_signals(outcome) if outcome.positions.numel() else None)
     for s, outcome in enumerate(recorder.outcomes):
         for position in outcome.positions.tolist():
             commit_step[position] = s
@@ -129,13 +176,14 @@ def decode_with_drift(engine: LLMEngine, prompt, params: SamplingParams, keep_ca
         others = torch.ones(seq.num_tokens, dtype=torch.bool)
         others[outcome.positions] = False
         steps.append(StepDrift(
-            signals=commit_signals(outcome),
+            signals=signals[s],
             drift=relative_drift(new, old),
             drift_others=relative_drift(new[:, :, others], old[:, :, others]),
+            drift_settled=relative_drift(new[:, :, settled[s]], old[:, :, settled[s]]),
             layer_drift=[relative_drift(new[layer], old[layer]) for layer in range(new.shape[0])],
         ))
     return Trajectory(steps, torch.stack(per_position) if per_position else torch.zeros(0, seq.num_tokens),
-                      commit_step, canvases if keep_canvases else [])
+                      commit_step, canvases if keep_canvases else [], window_drift(snapshots, signals, settled))
 
 
 def average_ranks(values: list[float]) -> torch.Tensor:
@@ -200,7 +248,9 @@ def reference_drift(trajectories: list[Trajectory], prompt_lengths: list[int]) -
 class DriftReport:
     n: int
     steps: int
-    correlations: dict[str, dict[str, float]]  # signal -> {"drift": rho, "drift_others": rho}
+    correlations: dict[str, dict[str, float]]  # signal -> {"drift": rho, "drift_others": rho, "drift_settled": rho}
+    window_correlations: dict[str, float]  # (c): window signal -> rho against the settled positions' drift
+    windows: int
     layer_drift: list[float]  # mean per layer
     lags: list[dict[str, float]]
     prompt_drift: float
@@ -212,14 +262,18 @@ def summarise(trajectories: list[Trajectory], prompt_lengths: list[int]) -> Drif
     steps = [s for t in trajectories for s in t.steps]
     correlations = {
         signal: {target: spearman([s.signals[signal] for s in steps], [getattr(s, target) for s in steps])
-                 for target in ("drift", "drift_others")}
+                 for target in ("drift", "drift_others", "drift_settled")}
         for signal in SIGNALS
     }
+    windows = [w for t in trajectories for w in t.windows]
+    window_correlations = {signal: spearman([w[signal] for w in windows], [w["drift_settled"] for w in windows])
+                           for signal in WINDOW_SIGNALS}
     layers = len(steps[0].layer_drift) if steps else 0
     layer_drift = [sum(s.layer_drift[i] for s in steps) / len(steps) for i in range(layers)]
     points = [{name: float(f"{value:.4g}") for name, value in  # 4 digits: enough to redraw the plots
                {**s.signals, "drift": s.drift, "drift_others": s.drift_others}.items()} for s in steps]
-    return DriftReport(len(trajectories), len(steps), correlations, layer_drift, lag_profile(trajectories),
+    return DriftReport(len(trajectories), len(steps), correlations, window_correlations, len(windows),
+                       layer_drift, lag_profile(trajectories),
                        *reference_drift(trajectories, prompt_lengths), points)
 
 
@@ -228,9 +282,14 @@ def markdown(report: DriftReport) -> str:
         return "n/a (constant)" if math.isnan(value) else f"{value:+.3f}"
 
     lines = [f"{report.n} problems, {report.steps} steps with commits.", "",
-             "| signal of step s's commits | Spearman vs drift (all positions) | vs drift (others) |", "|---|---|---|"]
-    lines += [f"| {signal} | {cell(c['drift'])} | {cell(c['drift_others'])} |"
+             "| signal of step s's commits | Spearman vs drift (all positions) | vs drift (others) "
+             "| vs drift (settled: prompt and earlier commits) |", "|---|---|---|---|"]
+    lines += [f"| {signal} | {cell(c['drift'])} | {cell(c['drift_others'])} | {cell(c['drift_settled'])} |"
               for signal, c in report.correlations.items()]
+    lines += ["", f"Windows of 1 to {MAX_WINDOW} steps ({report.windows}): the settled positions' drift from the "
+              "window's start to its end against the window's commits:", "",
+              "| signal of the window's commits | Spearman vs drift (settled) |", "|---|---|"]
+    lines += [f"| {signal} | {cell(rho)} |" for signal, rho in report.window_correlations.items()]
     lines += ["", "| layer | " + " | ".join(str(i) for i in range(len(report.layer_drift))) + " |",
               "|---|" + "---|" * len(report.layer_drift),
               "| mean drift per step | " + " | ".join(f"{d:.4f}" for d in report.layer_drift) + " |", "",

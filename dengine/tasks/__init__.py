@@ -15,6 +15,7 @@ from typing import Callable, Hashable, Iterator, Protocol
 
 from dengine.tasks.digit_reversal import HELD_OUT_SEED, ReversalProblem, check_answer, random_problem
 from dengine.tasks.sudoku import SudokuGenerator, SudokuProblem, SudokuShape
+from dengine.tasks.sudoku_chain import SudokuChainGenerator, SudokuChainProblem
 
 TASK_FILE = "task.json"
 UNTASKED_LENGTHS = (128, 32)  # gen_length, block_length for a checkpoint that names no task
@@ -86,6 +87,16 @@ TASKS: dict[str, Task] = {
         gen_length=24,
         block_length=24,
     ),
+    "sudoku-chain": Task(
+        name="sudoku-chain",
+        summary="complete a 4x4 sudoku, then write 11 more grids, each the one before with every digit d -> d mod 4 + 1",
+        answer_format="12 grids separated by ';' (rows by '/'); the first any valid completion, each later one "
+                      "the previous relabelled",
+        make_problem=SudokuChainGenerator(),
+        held_out_seed=20261205,
+        gen_length=256,
+        block_length=32,
+    ),
 }
 
 
@@ -120,5 +131,5 @@ def write_task_file(folder: Path, task: Task) -> None:
     (folder / TASK_FILE).write_text(json.dumps({"task": task.name}, indent=2) + "\n")
 
 
-__all__ = ["TASKS", "Problem", "ReversalProblem", "SudokuGenerator", "SudokuProblem", "SudokuShape", "Task",
+__all__ = ["TASKS", "Problem", "ReversalProblem", "SudokuChainGenerator", "SudokuChainProblem", "SudokuGenerator", "SudokuProblem", "SudokuShape", "Task",
            "check_answer", "generation_lengths", "get_task", "task_of_folder", "task_of_model", "write_task_file"]
