@@ -21,23 +21,58 @@ BENCHMARKS = {"accuracy": "dengine.bench.accuracy", "policies": "dengine.bench.p
               "headline": "dengine.bench.headline"}
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _check_serve_options(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Every option of `dengine serve` checked before Ray starts: (request defaults, engine arguments), or a
+    ValueError naming the option."""
+    import socket
+
+    from dengine.assets import resolve_model
+    from dengine.models.loader import resolve_dtype
+    from dengine.sampling_params import SamplingParams
+    from dengine.scheduler.policies import make_policy
+    from dengine.tasks import generation_lengths, task_of_folder
+
+    for name in ("replicas", "max_num_seqs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.grace_period < 0:
+        raise ValueError(f"--grace-period must be at least 0, got {args.grace_period}")
+    try:
+        folder = resolve_model(args.model)
+        resolve_dtype(args.dtype)
+    except ValueError as exc:
+        raise ValueError(f"--{'dtype' if 'dtype' in str(exc) else 'model'}: {exc}") from None
+    config = None
+    if args.cache_config:
+        try:
+            config = json.loads(args.cache_config)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--cache-config is not JSON ({exc}); write it as '{{\"tau\": 0.05, \"k\": 8}}'") from None
+    make_policy(args.cache_policy, config)  # names an unknown policy or a bad option
+    gen_length, block_length = generation_lengths(task_of_folder(folder), args.gen_length, args.block_length)
+    defaults = {"gen_length": gen_length, "block_length": block_length}
+    SamplingParams(**defaults)
+    if args.ray_address is None:  # a local Serve binds host:port itself; fail before starting Ray
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            try:
+                probe.bind((args.host, args.port))
+            except OSError as exc:
+                raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({exc.strerror}); "
+                                 "is another server running? pick another --port") from None
+    engine_kwargs = {"dtype": args.dtype, "cache_policy": args.cache_policy, "max_num_seqs": args.max_num_seqs}
+    if config is not None:
+        engine_kwargs["cache_config"] = config
+    if args.kv_cache_memory is not None:
+        engine_kwargs["kv_cache_memory"] = args.kv_cache_memory
+    return defaults, engine_kwargs
+
+
+def _serve(args: argparse.Namespace, defaults: dict, engine_kwargs: dict) -> None:
     import ray
     from ray import serve
 
     from dengine.serve.deployment import build_app
 
-    from dengine.assets import resolve_model
-    from dengine.tasks import generation_lengths, task_of_folder
-
-    gen_length, block_length = generation_lengths(task_of_folder(resolve_model(args.model)), args.gen_length,
-                                                  args.block_length)
-    defaults = {"gen_length": gen_length, "block_length": block_length}
-    engine_kwargs = {"dtype": args.dtype, "cache_policy": args.cache_policy, "max_num_seqs": args.max_num_seqs}
-    if args.cache_config:
-        engine_kwargs["cache_config"] = json.loads(args.cache_config)
-    if args.kv_cache_memory is not None:
-        engine_kwargs["kv_cache_memory"] = args.kv_cache_memory
     app = build_app(args.model, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                     model_name=args.served_model_name, defaults=defaults, **engine_kwargs)
     # a busy machine starts Serve's HTTP proxy slowly; Serve's default 5 s readiness check would kill it
@@ -103,19 +138,22 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("demo", help="decode held-out problems on the embedded model (python -m dengine)",
                         add_help=False)
 
-    serve = commands.add_parser("serve", help="the OpenAI-compatible API on Ray Serve")
+    serve = commands.add_parser("serve", help="the OpenAI-compatible API on Ray Serve",
+                                description="The OpenAI-compatible API on Ray Serve. Every option is checked "
+                                            "before Ray starts.")
     serve.add_argument("--model", default=None, help="checkpoint folder or embedded model name (default llada-sudoku)")
     serve.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
-    serve.add_argument("--replicas", type=int, default=1)
+    serve.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
     serve.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
     serve.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default 1 if CUDA, else 0)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
-    serve.add_argument("--dtype", default="bfloat16")
-    serve.add_argument("--cache-policy", default="entropy")
-    serve.add_argument("--cache-config", default=None, help='JSON, e.g. \'{"tau": 0.05, "k": 8}\'')
-    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32 or float64")
+    serve.add_argument("--cache-policy", default="entropy",
+                       help="none, prefix, dual, entropy (default), dllm or d2cache (docs/sampling.md)")
+    serve.add_argument("--cache-config", default=None, help='the policy\'s options as JSON, e.g. \'{"tau": 0.05, "k": 8}\'')
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together per replica (default 64)")
     serve.add_argument("--kv-cache-memory", type=_memory, default=None,
                        help="KV pool per replica: bytes (an integer), or a fraction of the device's total memory "
                             "(default 0.2 on CPU, 0.8 on GPU)")
@@ -154,7 +192,11 @@ def main(argv: list[str] | None = None) -> None:
 
         demo_main(rest)
     elif args.command == "serve":
-        _serve(args)
+        try:
+            checked = _check_serve_options(args)
+        except ValueError as exc:
+            serve.error(str(exc))
+        _serve(args, *checked)
 
 
 if __name__ == "__main__":

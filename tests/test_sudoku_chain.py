@@ -20,7 +20,7 @@ def test_a_solved_example_by_hand():
     solution = (3, 1, 2, 4, 2, 4, 1, 3, 1, 3, 4, 2, 4, 2, 3, 1)
     givens = (0, 1, 2, 0, 2, 0, 0, 0, 0, 3, 0, 0, 4, 0, 3, 1)
     problem = SudokuChainProblem(SudokuProblem(givens, solution, shape))
-    assert problem.question == "Chain the sudoku .12./2.../.3../4.31"
+    assert problem.question == "Chain 12 grids of the sudoku .12./2.../.3../4.31"
     grids = problem.answer.split(";")
     assert grids[:3] == ["3124/2413/1342/4231", "4231/3124/2413/1342", "1342/4231/3124/2413"]
     assert grids[4] == grids[0] and len(grids) == CHAIN_LENGTH == 12  # four relabellings come back round
@@ -45,7 +45,7 @@ def test_every_generated_chain_checks_and_is_a_chain_of_valid_grids(seed):
     grids = [shape.parse(g) for g in problem.answer.split(";")]
     assert all(shape.is_solution(g) for g in grids)
     assert all(relabel(a, 4) == b for a, b in zip(grids, grids[1:]))
-    assert problem.question.startswith("Chain the sudoku ") and len(problem.question) == 17 + 19
+    assert problem.question.startswith("Chain 12 grids of the sudoku ") and len(problem.question) == 29 + 19
 
 
 @settings(deadline=None, max_examples=40)
@@ -68,9 +68,25 @@ def test_any_valid_first_grid_is_accepted_and_any_break_rejected(seed, data):
 
 def test_the_held_out_split_is_fixed_and_the_lengths_fit():
     assert [p.question for p in CHAIN.held_out(5)] == [p.question for p in CHAIN.held_out(50)[:5]]
-    assert CHAIN.held_out(3)[0].question == "Chain the sudoku ..3./1.../3.1./.143"
+    assert CHAIN.held_out(3)[0].question == "Chain 12 grids of the sudoku ..3./1.../3.1./.143"
     assert (CHAIN.gen_length, CHAIN.block_length) == (256, 32)
     assert len(CHAIN.held_out(1)[0].answer) + 1 <= CHAIN.gen_length
+    assert all(p.chain_length == CHAIN_LENGTH for p in CHAIN.held_out(100))
     held = {p.key for p in CHAIN.held_out(500)}
     stream = CHAIN.training_stream(seed=0)
-    assert all(next(stream).key not in held for _ in range(300))
+    training = [next(stream) for _ in range(600)]
+    assert all(p.key not in held for p in training)
+    assert {p.chain_length for p in training} == set(range(1, CHAIN_LENGTH + 1)), "training asks for 1 to 12 grids"
+    for problem in training[:50]:  # the prompt names the count; the answer has exactly that many grids
+        count = int(problem.question.split()[1])
+        assert count == len(problem.answer.split(";")) == problem.chain_length and problem.check(problem.answer)
+        assert len(problem.question) == 29 + 19, "one prompt length for every count (a training batch shares it)"
+
+
+def test_chain_lengths_are_validated():
+    import pytest
+
+    with pytest.raises(ValueError, match="chain lengths"):
+        SudokuChainGenerator(min_length=0)
+    with pytest.raises(ValueError, match="chain lengths"):
+        SudokuChainGenerator(min_length=5, max_length=4)

@@ -1,6 +1,6 @@
 """Sudoku chain: solve a 4x4 sudoku, then write a chain of grids, each derived from the one before it.
 
-    question: "Chain the sudoku .12./2.../.3../4.31"
+    question: "Chain 12 grids of the sudoku .12./2.../.3../4.31"
     answer:   "3124/2413/1342/4231;4231/3124/2413/1342;1342/4231/3124/2413;..."   (12 grids)
 
 The first grid is any valid completion of the puzzle (most puzzles have several, as in `sudoku4`); every
@@ -13,6 +13,12 @@ of its peers (as `sudoku4` does), and every later token is a function of a token
 earlier, often in an earlier block. Decoding runs left to right along the chain, and a step that reads a
 committed token's key and value as they were while it was still masked copies the wrong digit, which
 every later grid then inherits: the checker rejects any break in the chain.
+
+The prompt names the number of grids. Held-out problems always ask for 12; training problems ask for 1 to
+12 (uniformly). Why: with 12 copies of every cell in an answer, a uniformly masked training answer almost
+always shows some copy of a cell, so the model would rarely practise what decoding needs first, solving
+the puzzle from the prompt alone (every copy masked has probability 1/13 over the mask ratio); short
+chains give that practice (as `sudoku4` does), long ones the copying.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ class SudokuChainProblem:
 
     @property
     def question(self) -> str:
-        return "Chain the sudoku " + self.shape.render(self.puzzle.givens)
+        return f"Chain {self.chain_length:02d} grids of the sudoku " + self.shape.render(self.puzzle.givens)
 
     def chain_from(self, first: tuple[int, ...]) -> list[tuple[int, ...]]:
         """The grids of the chain that starts with first."""
@@ -75,10 +81,18 @@ class SudokuChainProblem:
 
 @dataclass(frozen=True)
 class SudokuChainGenerator:
-    """Random sudoku-chain problems: a sudoku4 puzzle (3 to 7 givens) and its chain."""
+    """Random sudoku-chain problems: a sudoku4 puzzle (3 to 7 givens) and a chain of min_length..max_length
+    grids (held out: always CHAIN_LENGTH)."""
 
     puzzles: SudokuGenerator = field(default_factory=lambda: SudokuGenerator(SudokuShape(2, 2), 3, 7))
-    chain_length: int = CHAIN_LENGTH
+    min_length: int = CHAIN_LENGTH
+    max_length: int = CHAIN_LENGTH
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_length <= self.max_length <= 99:
+            raise ValueError(f"chain lengths must satisfy 1 <= min <= max <= 99, got {self.min_length}..{self.max_length}")
 
     def __call__(self, rng: random.Random) -> SudokuChainProblem:
-        return SudokuChainProblem(self.puzzles(rng), self.chain_length)
+        puzzle = self.puzzles(rng)
+        length = self.max_length if self.min_length == self.max_length else rng.randint(self.min_length, self.max_length)
+        return SudokuChainProblem(puzzle, length)
