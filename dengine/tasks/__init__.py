@@ -48,7 +48,6 @@ class Task:
     gen_length: int
     block_length: int
     sampler: str = "one-token"  # the sampler it is evaluated with (dengine.bench.policies.sampler_params)
-    make_training_problem: Callable[[random.Random], Problem] | None = None  # default: make_problem
 
     def generate(self, count: int, seed: int) -> list[Problem]:
         """count problems from a generator seeded with seed."""
@@ -63,9 +62,8 @@ class Task:
         """Endless seeded training problems, never equal to one of the first held_out held-out problems."""
         excluded = {p.key for p in self.held_out(held_out)}
         rng = random.Random(seed)
-        make = self.make_training_problem or self.make_problem
         while True:
-            problem = make(rng)
+            problem = self.make_problem(rng)
             if problem.key not in excluded:
                 yield problem
 
@@ -98,7 +96,6 @@ TASKS: dict[str, Task] = {
         held_out_seed=20261205,
         gen_length=256,
         block_length=32,
-        make_training_problem=SudokuChainGenerator(min_length=1),
     ),
 }
 

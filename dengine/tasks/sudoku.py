@@ -104,13 +104,16 @@ class SudokuShape:
 
         return search()
 
-    def random_grid(self, rng: random.Random) -> tuple[int, ...]:
-        """A random full grid (randomised backtracking fill, cell by cell)."""
-        values = [0] * self.cells
+    def random_grid(self, rng: random.Random, givens: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """A random full grid (randomised backtracking fill, cell by cell), keeping givens (0 = free) if any;
+        ValueError if they have no completion."""
+        values = list(givens) if givens is not None else [0] * self.cells
 
         def fill(cell: int) -> bool:
             if cell == self.cells:
                 return True
+            if values[cell]:
+                return values[cell] in self.candidates(values, cell) and fill(cell + 1)
             digits = self.candidates(values, cell)
             rng.shuffle(digits)
             for digit in digits:
@@ -120,7 +123,8 @@ class SudokuShape:
             values[cell] = 0
             return False
 
-        fill(0)
+        if not fill(0):
+            raise ValueError(f"no completion keeps the givens {givens!r}")
         return tuple(values)
 
 

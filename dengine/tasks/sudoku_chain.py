@@ -1,24 +1,22 @@
-"""Sudoku chain: solve a 4x4 sudoku, then write a chain of grids, each derived from the one before it.
+"""Sudoku chain: a chain of 12 sudokus, the first completing the prompt's puzzle, each next one starting
+from the bottom band of the one before.
 
-    question: "Chain 12 grids of the sudoku .12./2.../.3../4.31"
-    answer:   "3124/2413/1342/4231;4231/3124/2413/1342;1342/4231/3124/2413;..."   (12 grids)
+    question: "Chain of the sudoku .12./2.../.3../4.31"
+    answer:   "3124/2413/1342/4231;1342/4231/3124/2413;3124/2413/1342/4231;..."   (12 grids)
 
-The first grid is any valid completion of the puzzle (most puzzles have several, as in `sudoku4`); every
-later grid is the grid before it with each digit d replaced by d mod 4 + 1 (a relabelling, so every grid
-of the chain is a valid sudoku). The answer is 12 grids of 19 characters separated by ';': 239 tokens in
-256 generated positions (8 blocks of 32), the setting of the EntropyCache paper's headline.
+The first grid is any valid completion of the puzzle (most puzzles have several, as in `sudoku4`). Every
+later grid is a valid sudoku whose top band (its first two rows) repeats the previous grid's bottom band
+(its last two rows), and whose bottom band the decoder chooses: a band has two completions, so each grid
+holds one genuine decision, settled by the grid's own commits. The answer is 12 grids of 19 characters
+separated by ';': 239 tokens in 256 generated positions (8 blocks of 32), the setting of the EntropyCache
+paper's headline.
 
-Why it is the long task where a cache can err: the first grid settles its uncertainty through the commits
-of its peers (as `sudoku4` does), and every later token is a function of a token committed 20 positions
-earlier, often in an earlier block. Decoding runs left to right along the chain, and a step that reads a
-committed token's key and value as they were while it was still masked copies the wrong digit, which
-every later grid then inherits: the checker rejects any break in the chain.
-
-The prompt names the number of grids. Held-out problems always ask for 12; training problems ask for 1 to
-12 (uniformly). Why: with 12 copies of every cell in an answer, a uniformly masked training answer almost
-always shows some copy of a cell, so the model would rarely practise what decoding needs first, solving
-the puzzle from the prompt alone (every copy masked has probability 1/13 over the mask ratio); short
-chains give that practice (as `sudoku4` does), long ones the copying.
+Why it is the long task where a cache can err: every grid copies its top band from tokens committed 10 to
+13 positions earlier (often in the block before) and then decides its bottom band from its own commits, as a
+chain of thought alternates copying and deciding. A step that reads a committed token's key and value as
+they were while it was still masked copies or decides wrongly, and the checker rejects any break in the
+chain. The Sudoku models' reading of the givens depends on where the prompt starts, so the prompt prefix is
+as long as `sudoku4`'s (the embedded chain models start from the Sudoku models).
 """
 
 from __future__ import annotations
@@ -30,19 +28,25 @@ from dengine.tasks.sudoku import SudokuGenerator, SudokuProblem, SudokuShape
 
 GRID_SEPARATOR = ";"
 CHAIN_LENGTH = 12  # grids in an answer: 12 * 19 + 11 = 239 tokens
+QUESTION_PREFIX = "Chain of the sudoku "  # as long as sudoku4's "Complete the sudoku "
 
 
-def relabel(values: tuple[int, ...], size: int) -> tuple[int, ...]:
-    """The next grid of the chain: every digit d becomes d mod size + 1."""
-    return tuple(v % size + 1 for v in values)
+def carried_band(grid: tuple[int, ...], shape: SudokuShape) -> tuple[int, ...]:
+    """The givens of the next grid of a chain: grid's bottom band as the top band, the rest blank (0)."""
+    band = shape.box_rows * shape.size
+    return grid[-band:] + (0,) * (shape.cells - band)
 
 
 @dataclass(frozen=True)
 class SudokuChainProblem:
-    """A sudoku puzzle whose answer is a chain of CHAIN_LENGTH grids, the first a completion of the puzzle."""
+    """A sudoku puzzle and one valid chain of CHAIN_LENGTH grids for it (the training target)."""
 
     puzzle: SudokuProblem
-    chain_length: int = CHAIN_LENGTH
+    chain: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.is_chain(self.chain):
+            raise ValueError("chain is not a valid chain of the puzzle")
 
     @property
     def shape(self) -> SudokuShape:
@@ -54,45 +58,35 @@ class SudokuChainProblem:
 
     @property
     def question(self) -> str:
-        return f"Chain {self.chain_length:02d} grids of the sudoku " + self.shape.render(self.puzzle.givens)
-
-    def chain_from(self, first: tuple[int, ...]) -> list[tuple[int, ...]]:
-        """The grids of the chain that starts with first."""
-        grids = [first]
-        for _ in range(self.chain_length - 1):
-            grids.append(relabel(grids[-1], self.shape.size))
-        return grids
+        return QUESTION_PREFIX + self.shape.render(self.puzzle.givens)
 
     @property
     def answer(self) -> str:
-        """The chain of the grid the puzzle was cut from (the training target)."""
-        return GRID_SEPARATOR.join(self.shape.render(g) for g in self.chain_from(self.puzzle.solution))
+        return GRID_SEPARATOR.join(self.shape.render(g) for g in self.chain)
+
+    def is_chain(self, grids) -> bool:
+        """CHAIN_LENGTH valid grids, the first keeping the puzzle's givens, each next one starting from the
+        previous one's bottom band."""
+        if len(grids) != CHAIN_LENGTH or any(g is None or not self.shape.is_solution(g) for g in grids):
+            return False
+        if any(p not in (0, v) for p, v in zip(self.puzzle.givens, grids[0])):
+            return False
+        return all(all(c in (0, v) for c, v in zip(carried_band(a, self.shape), b)) for a, b in zip(grids, grids[1:]))
 
     def check(self, text: str) -> bool:
-        """True iff text is chain_length grids, the first a valid completion and each the relabelled previous."""
-        parts = text.strip().split(GRID_SEPARATOR)
-        if len(parts) != self.chain_length:
-            return False
-        first = self.shape.parse(parts[0])
-        if first is None or not self.puzzle.check(parts[0]):
-            return False
-        return [self.shape.parse(p) for p in parts] == self.chain_from(first)
+        """True iff text is a valid chain for the puzzle, written as the answer format writes it."""
+        return self.is_chain([self.shape.parse(part) for part in text.strip().split(GRID_SEPARATOR)])
 
 
 @dataclass(frozen=True)
 class SudokuChainGenerator:
-    """Random sudoku-chain problems: a sudoku4 puzzle (3 to 7 givens) and a chain of min_length..max_length
-    grids (held out: always CHAIN_LENGTH)."""
+    """Random problems: a sudoku4 puzzle (3 to 7 givens), its generating grid, then random continuations."""
 
     puzzles: SudokuGenerator = field(default_factory=lambda: SudokuGenerator(SudokuShape(2, 2), 3, 7))
-    min_length: int = CHAIN_LENGTH
-    max_length: int = CHAIN_LENGTH
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_length <= self.max_length <= 99:
-            raise ValueError(f"chain lengths must satisfy 1 <= min <= max <= 99, got {self.min_length}..{self.max_length}")
 
     def __call__(self, rng: random.Random) -> SudokuChainProblem:
         puzzle = self.puzzles(rng)
-        length = self.max_length if self.min_length == self.max_length else rng.randint(self.min_length, self.max_length)
-        return SudokuChainProblem(puzzle, length)
+        chain = [puzzle.solution]
+        while len(chain) < CHAIN_LENGTH:
+            chain.append(puzzle.shape.random_grid(rng, carried_band(chain[-1], puzzle.shape)))
+        return SudokuChainProblem(puzzle, tuple(chain))
