@@ -251,3 +251,23 @@ def test_parallel_options_at_their_extremes(folders, family, seed):
     assert summed.token_ids == paper.token_ids
     assert summed.metrics.full_recomputes == paper.metrics.full_recomputes
     assert summed.metrics.avg_query_tokens == paper.metrics.avg_query_tokens
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_parallel_options_decide_per_sequence_and_batch_invariantly_in_fp32(folders, family, seed):
+    """Threshold decoding with the parallel options: a batch equals each sequence run alone (float32)."""
+    rng = random.Random(seed)
+    configs = [{"tau": 0.0, "k": 2}, {"tau": rng.choice([0.05, 0.5]), "k": 4, "signal": "sum", "accumulate": True,
+                                       "recent_steps": 1},
+               {"tau": 1e9, "k": 0, "recent_steps": 2}, {"tau": 0.2, "k": 1, "signal": "sum"}]
+    prompts = [{"prompt_token_ids": [rng.randrange(300) for _ in range(rng.randint(2, 12))]} for _ in configs]
+    extra = {"remasking": "maskgit_plus"} if family == "dream" else {}
+    params = [SamplingParams(gen_length=24, block_length=8, steps=12, threshold=0.3, cache_config=c, **extra)
+              for c in configs]
+    llm = LLM(folders[family], dtype="float32", cache_policy="entropy", kv_cache_memory=1 << 24, block_size=8)
+    together = llm.generate(prompts, params, use_tqdm=False)
+    solo = [llm.generate(p, sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in solo]
+    assert [o.metrics.full_recomputes for o in together] == [o.metrics.full_recomputes for o in solo]
+    assert [o.metrics.query_tokens for o in together] == [o.metrics.query_tokens for o in solo]
+    assert together[0].metrics.full_recompute_rate == 1.0
