@@ -135,7 +135,7 @@ def test_registry_resolves_every_embedded_model(tmp_path):
     for name, folder in EMBEDDED_MODELS.items():
         task = task_of_model(folder)
         assert task.name == json.loads((folder / "task.json").read_text())["task"]
-        assert name.endswith({"digit-reversal": "reverse", "sudoku4": "sudoku"}[task.name])
+        assert name.endswith({"digit-reversal": "reverse", "sudoku4": "sudoku", "sudoku-chain": "chain"}[task.name])
     with pytest.raises(ValueError, match="names no task"):
         task_of_model(tmp_path)
     assert task_of_folder(tmp_path) is None and task_of_folder(EMBEDDED_MODELS["dream-sudoku"]).name == "sudoku4"

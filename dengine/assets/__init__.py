@@ -13,6 +13,8 @@ EMBEDDED_MODELS = {
     "dream-reverse": ASSETS / "dream-reverse",
     "llada-sudoku": ASSETS / "llada-sudoku",
     "dream-sudoku": ASSETS / "dream-sudoku",
+    "llada-chain": ASSETS / "llada-chain",
+    "dream-chain": ASSETS / "dream-chain",
 }
 DEFAULT_MODEL = "llada-sudoku"
 
