@@ -11,7 +11,8 @@ Under parallel decoding a step commits several tokens, and the paper's rule misr
 there, and reduce to it when one token commits per step: `signal` "sum" scores a step by the entropy mass of
 its commits; `accumulate` adds the scores of the steps since the last full recompute (a drift budget);
 `recent_steps` j makes partial steps also recompute every token committed in the last j steps, so a step's
-commits never keep the K/V they had as masks. The defaults differ by sampler (PARALLEL_DEFAULTS).
+commits never keep the K/V they had as masks. Unset options take per-sampler defaults (ONE_TOKEN_DEFAULTS,
+PARALLEL_DEFAULTS), both still the paper's rule until a calibration over both tasks picks another.
 """
 
 from __future__ import annotations
@@ -52,15 +53,15 @@ ONE_TOKEN_DEFAULTS = {"tau": 0.01, "k": 2, "signal": "max", "accumulate": False,
 PARALLEL_DEFAULTS = {"tau": 0.01, "k": 2, "signal": "max", "accumulate": False, "recent_steps": 0}
 
 
-def max_entropy(probs: torch.Tensor) -> float:
-    """max_i H(p_i) over the rows of probs (natural log, 0 log 0 = 0)."""
-    return torch.special.entr(probs).sum(-1).max().item()
-
-
 def step_entropy(probs: torch.Tensor, signal: str) -> float:
     """A step's commits scored by the max ("max") or the sum ("sum") of their entropies."""
     entropy = torch.special.entr(probs).sum(-1)
     return (entropy.max() if signal == "max" else entropy.sum()).item()
+
+
+def max_entropy(probs: torch.Tensor) -> float:
+    """max_i H(p_i) over the rows of probs (natural log, 0 log 0 = 0): the paper's signal."""
+    return step_entropy(probs, "max")
 
 
 class EntropyCache(CachePolicy):
