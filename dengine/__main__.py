@@ -15,23 +15,27 @@ import torch
 from dengine.assets import DEFAULT_MODEL, resolve_model
 from dengine.bench.accuracy import compare, markdown_table, model_task
 from dengine.bench.policies import sampler_params
-from dengine.scheduler.policies.entropy import EntropyOptions
+from dengine.bench.report import QuietCheck
+from dengine.cli_args import DefaultsHelpFormatter, positive_int
 from dengine.llm import LLM
 from dengine.models.layers import num_weights
+from dengine.scheduler.policies.entropy import EntropyOptions
 
 AGGRESSIVE = {"tau": 1e9, "k": 0}  # never refresh, never recompute committed tokens
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dengine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dengine", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded model name or checkpoint folder "
                                                                f"(default: {DEFAULT_MODEL})")
     parser.add_argument("--task", default=None, help="default: the task the model's folder names")
-    parser.add_argument("--n", type=int, default=500, help="held-out problems")
+    parser.add_argument("--n", type=positive_int, default=500, help="held-out problems")
     parser.add_argument("--aggressive", default=json.dumps(AGGRESSIVE),
                         help="the too-aggressive EntropyCache options shown for contrast (JSON)")
     args = parser.parse_args(argv)
     task = model_task(args.model, args.task)
+    check = QuietCheck()
     llm = LLM(args.model)
     config = llm.engine.config
     params = num_weights(llm.engine.model) / 1e6
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{cached.speedup:.2f}x faster ({cached.avg_query_tokens:.1f} query tokens per forward instead of "
           f"{exact.avg_query_tokens:.1f}, a full recompute on {cached.full_recompute_rate:.0%} of steps); "
           f"never refreshing is {aggressive.speedup:.2f}x faster but only {aggressive.accuracy:.1%} accurate.")
+    if check.finish()["warnings"]:
+        print("The machine was not quiet during the run (warnings above): the speedups are not comparable; "
+              "rerun on an idle machine.")
 
 
 if __name__ == "__main__":

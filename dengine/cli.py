@@ -14,6 +14,8 @@ import os
 import signal
 import time
 
+from dengine.cli_args import DefaultsHelpFormatter
+
 
 BENCHMARKS = {"accuracy": "dengine.bench.accuracy", "policies": "dengine.bench.policies",
               "throughput": "dengine.bench.throughput", "serve": "dengine.bench.serve_load",
@@ -71,7 +73,9 @@ def _serve(args: argparse.Namespace, defaults: dict, engine_kwargs: dict) -> Non
     import ray
     from ray import serve
 
+    from dengine.assets import resolve_model
     from dengine.serve.deployment import build_app
+    from dengine.tasks import task_of_folder
 
     app = build_app(args.model, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                     model_name=args.served_model_name, defaults=defaults, **engine_kwargs)
@@ -90,6 +94,11 @@ def _serve(args: argparse.Namespace, defaults: dict, engine_kwargs: dict) -> Non
         serve.run(app, name="dengine", route_prefix="/", blocking=False)
         print(f"dengine: serving on http://{args.host}:{args.port}/v1 ({args.replicas} replica(s)); Ctrl-C or "
               "SIGTERM stops", flush=True)
+        task = task_of_folder(resolve_model(args.model))
+        if task is not None:
+            print(f"dengine: {resolve_model(args.model).name} is an embedded model trained only on {task.name}: ask "
+                  f"it questions like {task.example!r} (as a chat); other prompts get answers that mean nothing",
+                  flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -131,7 +140,8 @@ def _interrupt(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dengine", description="dengine: serving diffusion language models")
+    parser = argparse.ArgumentParser(prog="dengine", description="dengine: serving diffusion language models",
+                                     formatter_class=DefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     # demo, bench and explore hand every argument after their name to their own parser (its --help is theirs)
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
 
     serve = commands.add_parser("serve", help="the OpenAI-compatible API on Ray Serve",
                                 description="The OpenAI-compatible API on Ray Serve. Every option is checked "
-                                            "before Ray starts.")
+                                            "before Ray starts.", formatter_class=DefaultsHelpFormatter)
     serve.add_argument("--model", default=None, help="checkpoint folder or embedded model name (default llada-sudoku)")
     serve.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
     serve.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
@@ -156,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together per replica (default 64)")
     serve.add_argument("--kv-cache-memory", type=_memory, default=None,
                        help="KV pool per replica: bytes (an integer), or a fraction of the device's total memory "
-                            "(default 0.2 on CPU, 0.8 on GPU)")
+                            "(default: what --max-num-seqs canvases of the model's longest context need, capped by "
+                            "half the RAM left after the weights on CPU, the free GPU memory above a 10%% reserve)")
     serve.add_argument("--gen-length", type=int, default=None,
                        help="when a request sets no max_tokens (default: the model's task's, else 128)")
     serve.add_argument("--block-length", type=int, default=None, help="default: the model's task's, else 32")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import logging
 import time
 from collections.abc import Hashable
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from dengine.attention import select_backend
-from dengine.kv.kv_cache import PagedKVCache, resolve_memory_budget
+from dengine.kv.kv_cache import PagedKVCache, plan_kv_pool
 from dengine.kv.manager import KVCacheManager
 from dengine.scheduler.policies import make_policy, policy_class
 from dengine.model_runner import ModelRunner
@@ -23,6 +24,8 @@ from dengine.sampling_params import SamplingParams
 from dengine.scheduler.scheduler import Scheduler
 from dengine.scheduler.sequence import Sequence, SequenceStatus
 from dengine.tokenizer import check_tokenizer_matches, end_of_turn_id, load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 # A prompt is text, or a dict with "prompt_token_ids" (as in vLLM) or "prompt".
 PromptType = str | dict[str, Any]
@@ -36,8 +39,6 @@ class PromptError(ValueError):
         self.code = code
 
 
-DEFAULT_CPU_KV_FRACTION = 0.2
-DEFAULT_CUDA_KV_FRACTION = 0.8
 # glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit systems
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD = -1, -3, 32 << 20
 
@@ -128,10 +129,13 @@ class LLMEngine:
         self.seed = seed
 
         dtype_ = next(self.model.parameters()).dtype
-        if kv_cache_memory is None:
-            kv_cache_memory = DEFAULT_CUDA_KV_FRACTION if self.device.type == "cuda" else DEFAULT_CPU_KV_FRACTION
-        budget = resolve_memory_budget(kv_cache_memory, self.device)
-        num_blocks = PagedKVCache.num_blocks_for_budget(self.config, block_size, dtype_, budget)
+        plan = plan_kv_pool(self.config, block_size, dtype_, self.device, max_num_seqs=max_num_seqs,
+                            kv_cache_memory=kv_cache_memory,
+                            layer_outputs=policy_class(cache_policy).stores_layer_outputs)
+        logger.info("KV pool: %d blocks of %d tokens, %.3f GB (%s)", plan.num_blocks, block_size, plan.bytes / 1e9,
+                    plan.reason)
+        self.kv_plan = plan
+        num_blocks = plan.num_blocks
         self.kv_manager = KVCacheManager(
             num_blocks, block_size, PagedKVCache.outputs_per_block_for(self.config, block_size)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence as SequenceABC
@@ -106,7 +107,8 @@ class LLM:
         engine = self.engine
         order = {seq.request_id: i for i, seq in enumerate(sequences)}
         results: list[RequestOutput | None] = [None] * len(sequences)
-        policies = sorted({seq.policy.name for seq in sequences})
+        policies = sorted({seq.policy.name + (f" {json.dumps(seq.params.cache_config, sort_keys=True)}"
+                                              if seq.params.cache_config else "") for seq in sequences})
         label = f"generate [{policies[0] if len(policies) == 1 else 'mixed policies'}]"
         # Progress in generated positions: a step moves it by what it committed; a request that stops early
         # (stop_at_eos) counts its whole canvas once finished, so the bar ends at its total.

@@ -1,7 +1,8 @@
-"""The block pool, per-sequence block tables and memory-budget sizing."""
+"""The block pool, per-sequence block tables and the KV pool's sizing (the plan, lazily committed pages)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -13,6 +14,7 @@ from dengine.kv import (
     NoFreeBlocksError,
     PagedKVCache,
     RequestTooLargeError,
+    plan_kv_pool,
     resolve_memory_budget,
 )
 from dengine.models.loader import read_model_config
@@ -119,3 +121,77 @@ def test_cache_write_lands_in_the_mapped_slots(tmp_path, seed):
     assert torch.equal(cache.key[1][1, 1], key[0]) and torch.equal(cache.value[1][5, 3], value[2])
     assert torch.equal(cache.key[1][0, 0], key[1])
     assert cache.key[0].abs().sum() == 0, "other layers untouched"
+
+
+def test_freed_blocks_are_reused_first():
+    """LIFO reuse keeps a lazily committed CPU pool's resident pages those of the peak load."""
+    pool = BlockPool(8)
+    first = pool.allocate(3)
+    pool.free(first)
+    assert pool.allocate(3) == first
+
+
+def _memory(monkeypatch, free: int, total: int = 1 << 40) -> None:
+    from dengine.kv import kv_cache
+
+    monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda device: free)
+    monkeypatch.setattr(kv_cache, "total_memory_bytes", lambda device: total)
+
+
+def test_default_pool_is_what_the_load_needs_when_memory_allows(monkeypatch):
+    _, llada = read_model_config(REAL["llada"])
+    _memory(monkeypatch, free=1 << 40)
+    cpu = torch.device("cpu")
+    per_canvas = -(-llada.max_position_embeddings // 16)
+    plan = plan_kv_pool(llada, 16, torch.bfloat16, cpu, max_num_seqs=3)
+    assert plan.num_blocks == 3 * per_canvas and "max_num_seqs=3" in plan.reason
+    assert plan.bytes == plan.num_blocks * PagedKVCache.bytes_per_block(llada, 16, torch.bfloat16)
+    dllm = plan_kv_pool(llada, 16, torch.bfloat16, cpu, max_num_seqs=3, layer_outputs=True)
+    outputs_per_block = PagedKVCache.outputs_per_block_for(llada, 16)
+    assert dllm.num_blocks == 3 * (per_canvas + -(-llada.max_position_embeddings // outputs_per_block))
+
+
+def test_default_pool_is_capped_by_memory_left_after_the_weights(monkeypatch, caplog):
+    from dengine.kv import kv_cache
+
+    _, llada = read_model_config(REAL["llada"])
+    per_block = PagedKVCache.bytes_per_block(llada, 16, torch.bfloat16)
+    cpu = torch.device("cpu")
+    _memory(monkeypatch, free=40 * per_block)
+    plan = plan_kv_pool(llada, 16, torch.bfloat16, cpu, max_num_seqs=64)
+    assert plan.num_blocks == int(40 * per_block * kv_cache.CPU_SHARE_OF_AVAILABLE) // per_block
+    assert "available after the weights" in plan.reason and "less than one canvas" in caplog.text
+    _memory(monkeypatch, free=per_block)
+    with pytest.raises(ValueError, match="no memory for a KV pool"):
+        plan_kv_pool(llada, 16, torch.bfloat16, cpu, max_num_seqs=64)
+    explicit = plan_kv_pool(llada, 16, torch.bfloat16, cpu, max_num_seqs=64, kv_cache_memory=7 * per_block)
+    assert explicit.num_blocks == 7, "a budget the user sets is taken as given"
+
+
+def test_gpu_cap_keeps_a_reserve_of_the_card(monkeypatch):
+    from dengine.kv import kv_cache
+
+    _memory(monkeypatch, free=50 << 30, total=80 << 30)
+    cap, why = kv_cache.memory_cap_bytes(torch.device("cuda"))
+    assert cap == (50 << 30) - int((80 << 30) * (1 - kv_cache.GPU_MEMORY_UTILIZATION)) and "reserve" in why
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc")
+def test_cpu_pool_pages_are_committed_only_when_written():
+    _, llada = read_model_config(REAL["llada"])
+    block_bytes = PagedKVCache.bytes_per_block(llada, 16, torch.float32)
+    num_blocks = (512 << 20) // block_bytes
+    before = _resident_bytes()
+    cache = PagedKVCache(llada, num_blocks, 16, torch.float32, "cpu")
+    allocated = _resident_bytes() - before
+    assert allocated < 32 << 20, f"{allocated / 2**20:.0f} MiB resident for an unwritten 512 MiB pool"
+    assert all(float(t.abs().max()) == 0.0 for t in cache.key[:1] + cache.value[:1]), "reads as zeros"
+    key = torch.randn(16, llada.num_kv_heads, llada.head_dim)
+    for layer in range(llada.num_layers):
+        cache.write(layer, key, key, torch.arange(16) + 16 * (num_blocks - 1))
+    assert torch.equal(cache.key[0][num_blocks - 1], key)

@@ -188,3 +188,13 @@ def test_special_ids_outside_vocab(tmp_path, seed):
     _edit_json(folder / "config.json", mask_token_id=126336)
     with pytest.raises(CheckpointError, match="mask_token_id 126336 is outside the vocabulary"):
         load_model(folder)
+
+
+def test_a_model_larger_than_free_memory_is_refused_before_any_weight_is_allocated(tmp_path, monkeypatch, seed):
+    folder, _ = write_checkpoint(tmp_path, "llada", seed=seed)
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda device: 1000)
+    allocated = []
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda self, **kw: allocated.append(self))
+    with pytest.raises(MemoryError, match=r"the weights take .* GB in torch.float32 but only 0.00 GB of cpu memory"):
+        load_model(folder, dtype="float32")
+    assert not allocated

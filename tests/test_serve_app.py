@@ -340,3 +340,51 @@ def test_release_openmp_threads_ends_this_threads_team():
         torch.set_num_threads(previous)
     assert counts["released"] is True
     assert counts["after"] == counts["with team"] - 1 and counts["again"] == counts["with team"]
+
+
+def test_max_tokens_is_a_cap_the_server_stops_when_the_answer_is_fixed():
+    """max_tokens 960 costs the steps of the blocks the answer reaches, not 960; at one canvas length the text
+    equals a whole-canvas decode (stop_at_eos false), which takes a step for every position."""
+    from dengine.assets import resolve_model
+
+    engine = LLMEngine(resolve_model("llada-sudoku"), dtype="float32", kv_cache_memory=1 << 26, block_size=8)
+    server = OpenAIServer(AsyncLLMEngine(engine), "llada-sudoku", SamplingParams(gen_length=24))
+    messages = [{"role": "user", "content": "Complete the sudoku 1.../..1./.3../...4"}]
+
+    def ask(client, **fields):
+        body = client.post("/v1/chat/completions", json={"messages": messages, "block_length": 24, **fields}).json()
+        return body["choices"][0], body["usage"]["completion_tokens"], body["dengine"]["nfe"]
+
+    with TestClient(create_app(server)) as client:
+        (long, long_tokens, long_nfe) = ask(client, max_tokens=960)
+        (capped, _, capped_nfe) = ask(client, max_tokens=96)
+        (whole, _, whole_nfe) = ask(client, max_tokens=96, stop_at_eos=False)
+    assert long["finish_reason"] == "stop" and long_nfe <= 24 * (long_tokens // 24 + 1) < 960
+    assert capped["message"]["content"] == whole["message"]["content"]
+    assert whole_nfe == 96 and capped_nfe < 96
+
+
+def test_an_embedded_model_asked_off_its_task_says_the_answer_means_nothing():
+    from dengine.assets import resolve_model
+
+    engine = LLMEngine(resolve_model("llada-sudoku"), dtype="float32", kv_cache_memory=1 << 26, block_size=8)
+    server = OpenAIServer(AsyncLLMEngine(engine), "llada-sudoku", SamplingParams(gen_length=24))
+
+    def chat(content, **fields):
+        return client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                          **fields})
+
+    with TestClient(create_app(server)) as client:
+        on_task = chat("Complete the sudoku 1.../..1./.3../...4").json()
+        off_task = chat("What is the capital of France?").json()
+        streamed = _events(chat("Complete the sudoku 123456789/.........", stream=True))
+        question = "Complete the sudoku 1.../..1./.3../...4"
+        bare = client.post("/v1/completions", json={"prompt": question}).json()
+        templated = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                         add_generation_prompt=True, tokenize=False)
+        raw = client.post("/v1/completions", json={"prompt": templated}).json()
+    assert on_task["warning"] is None and off_task["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "trained only on the task sudoku4" in off_task["warning"] and "Complete the sudoku" in off_task["warning"]
+    assert [e["warning"] is not None for e in streamed] == [False] * (len(streamed) - 1) + [True]
+    assert raw["warning"] is None, "a task question inside the chat template is on task"
+    assert "inside the model's chat template" in bare["warning"], "without the template the model is off its task"

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from dengine.assets import resolve_model
-from dengine.bench.report import QuietCheck, run_record
+from dengine.bench.report import QuietCheck, run_record, write_report
+from dengine.cli_args import DefaultsHelpFormatter, positive_int
 from dengine.llm import LLM
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
@@ -142,18 +143,20 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dengine bench accuracy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine bench accuracy", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", default="llada-sudoku", help="embedded model name or checkpoint folder")
     parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual"],
                         help='policies in order, the first is the baseline; options as \'entropy:{"tau":0.5}\'')
-    parser.add_argument("--n", type=int, default=500, help="held-out problems")
-    parser.add_argument("--batch-size", type=int, default=64, help="max_num_seqs (1 = one request at a time)")
+    parser.add_argument("--n", type=positive_int, default=500, help="held-out problems")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="max_num_seqs (1 = one request at a time)")
     add_task_arguments(parser)
     parser.add_argument("--steps", type=int, default=None, help="default: gen_length (one token per step)")
     parser.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding")
     parser.add_argument("--stop-at-eos", action="store_true", help="finish a request once its answer is fixed")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
+    parser.add_argument("--json", type=Path, default=None, help="write only the JSON record here (older records' form)")
     parser.add_argument("--no-tqdm", action="store_true")
     args = parser.parse_args(argv)
 
@@ -165,13 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     base = SamplingParams(gen_length=gen_length, block_length=block_length, steps=args.steps,
                           threshold=args.threshold, stop_at_eos=args.stop_at_eos)
     results = compare(llm, problems, base, [parse_policy(p) for p in args.policies], not args.no_tqdm)
-    print(markdown_table(results))
+    markdown = markdown_table(results)
     record = run_record(
         "python -m dengine.bench.accuracy", argv, check, model=str(args.model), task=task.name,
         sampler={f: getattr(base, f) for f in ("gen_length", "block_length", "steps", "threshold", "stop_at_eos")},
         batch_size=args.batch_size, results=[asdict(r) for r in results],
     )
-    print(json.dumps(record, indent=2))
+    print(markdown)
+    write_report(args.out, record, markdown)
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
 

@@ -32,8 +32,9 @@ import httpx
 from tqdm.auto import tqdm
 
 from dengine.assets import resolve_model
-from dengine.bench.report import QuietCheck, run_record, write_report
+from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.bench.serve_load import percentiles
+from dengine.cli_args import DefaultsHelpFormatter, positive_int
 from dengine.tasks import generation_lengths, get_task, task_of_model
 
 
@@ -43,6 +44,7 @@ class Outcome:
     text: str = ""
     latency_s: float = 0.0
     error: str | None = None
+    sent_s: float = 0.0  # when it was sent, from the start of the load
 
 
 def memory_snapshot() -> dict[str, float]:
@@ -120,7 +122,11 @@ async def run_load(url: str, bodies: list[dict], concurrency: int, disconnect: f
                 if index == kill_after and killed_at is None:
                     killed_at = time.perf_counter() - start
                     await asyncio.to_thread(kill)
+                sent = time.perf_counter() - start
                 outcomes[index] = await one_request(client, url, bodies[index], abandon[index])
+                outcomes[index].sent_s = sent
+                if not outcomes[index].latency_s:  # abandoned or lost: until the client gave up or the error came
+                    outcomes[index].latency_s = time.perf_counter() - start - sent
                 bar.update(1)
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
@@ -186,12 +192,13 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="dengine bench chaos", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine bench chaos", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint folder or embedded model (default llada-sudoku)")
-    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--replicas", type=positive_int, default=2)
     parser.add_argument("--num-cpus", type=float, default=1, help="CPUs per engine replica")
-    parser.add_argument("--concurrency", type=int, default=12)
-    parser.add_argument("--num-requests", type=int, default=300)
+    parser.add_argument("--concurrency", type=positive_int, default=12)
+    parser.add_argument("--num-requests", type=positive_int, default=300)
     parser.add_argument("--disconnect", type=float, default=0.1, help="fraction of requests abandoned by clients")
     parser.add_argument("--kill-at", type=float, default=0.4, help="kill a replica after this fraction was sent")
     parser.add_argument("--dtype", default="bfloat16")
@@ -200,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block-length", type=int, default=None, help="default: the task's")
     parser.add_argument("--task", default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json (and OUT.png with --plot)")
+    parser.add_argument("--plot", action="store_true", help="each request's latency against when it was sent")
     parser.add_argument("--no-tqdm", action="store_true")
     args = parser.parse_args(argv)
     if args.replicas < 2:
@@ -272,8 +280,26 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown)
     record = run_record("python -m dengine.bench.chaos", argv, check, model=folder.name, task=task.name,
                         gen_length=gen_length, block_length=block_length, result=result)
-    write_report(args.out, record, markdown)
+    what = f"{folder.name}, {args.replicas} replicas, one killed: every request's latency"
+    write_report(args.out, record, markdown,
+                 (lambda path: plot(outcomes, killed_at, path, plot_title(record, what))) if args.plot else None)
     return record
+
+
+def plot(outcomes: list[Outcome], killed_at: float | None, path: Path, title: str) -> None:
+    """Latency against send time, one colour per outcome, the kill marked."""
+    with figure(path, title, figsize=(8, 4.5)) as (_fig, ax):
+        for status, colour in (("ok", "tab:green"), ("abandoned", "tab:grey"), ("lost", "tab:red")):
+            chosen = [o for o in outcomes if o.status == status]
+            if chosen:
+                ax.scatter([o.sent_s for o in chosen], [o.latency_s for o in chosen], s=8, color=colour,
+                           label=f"{status} ({len(chosen)})")
+        if killed_at is not None:
+            ax.axvline(killed_at, color="black", linestyle="--", linewidth=1, label="replica killed")
+        ax.set_xlabel("sent at (s from the start)")
+        ax.set_ylabel("latency (s)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":

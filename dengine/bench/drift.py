@@ -36,6 +36,7 @@ from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.decoding import StepOutcome
 from dengine.engine import LLMEngine
+from dengine.cli_args import DefaultsHelpFormatter, positive_int
 from dengine.scheduler.policies.none import NoCache
 from dengine.llm import chat_prompt
 from dengine.sampling_params import SamplingParams
@@ -327,9 +328,10 @@ def plot(report: DriftReport, title: str, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> DriftReport:
-    parser = argparse.ArgumentParser(prog="dengine bench drift", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine bench drift", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", default="llada-sudoku", help="embedded model name or checkpoint folder")
-    parser.add_argument("--n", type=int, default=200, help="held-out problems")
+    parser.add_argument("--n", type=positive_int, default=200, help="held-out problems")
     parser.add_argument("--sampler", default=None, help="one-token (default: the task's), threshold:V or factor:V")
     add_task_arguments(parser)
     parser.add_argument("--dtype", default="float32", help="float32 keeps rounding far below the drift measured")

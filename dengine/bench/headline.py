@@ -24,6 +24,7 @@ from dengine.bench.accuracy import PolicyResult, add_task_arguments, evaluate, m
 from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.bench.width import interpolate
+from dengine.cli_args import DefaultsHelpFormatter, positive_int
 from dengine.llm import LLM
 from dengine.tasks import generation_lengths
 
@@ -105,13 +106,14 @@ def plot(rows: list[HeadlineRow], title: str, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[HeadlineRow]:
-    parser = argparse.ArgumentParser(prog="dengine bench headline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine bench headline", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", default="llada-chain", help="embedded model name or checkpoint folder")
-    parser.add_argument("--n", type=int, default=500, help="held-out problems")
+    parser.add_argument("--n", type=positive_int, default=500, help="held-out problems")
     parser.add_argument("--sampler", default="threshold:0.9", help="the parallel sampler (threshold:V or factor:V)")
     parser.add_argument("--policies", nargs="+", default=PUBLISHED,
                         help="policies run with the parallel sampler after 'none'; options as 'entropy:{...}'")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--wall-n", type=int, default=16, help="problems timed one at a time (0: skip)")
     parser.add_argument("--width-record", type=Path, default=None,
                         help="a `dengine bench width --out` JSON record of the family's real width, to price runs")

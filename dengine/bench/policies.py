@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dengine.bench.accuracy import PolicyResult, add_task_arguments, compare, markdown_table, model_task, parse_policy
 from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
+from dengine.cli_args import DefaultsHelpFormatter, positive_int
 from dengine.llm import LLM
 from dengine.sampling_params import SamplingParams
 from dengine.tasks import generation_lengths
@@ -42,34 +43,46 @@ def table(rows: list[dict]) -> str:
     return markdown_table([row["result"] for row in rows], leading)
 
 
+PALETTE = [f"C{i}" for i in range(10)] + ["black", "grey", "olive", "navy", "maroon"]
+
+
 def plot(rows: list[dict], path: Path, title: str | None = None) -> None:
     """Accuracy against speedup, one point per run: one marker per policy (with its options), one colour per
-    sampler and batch size; the legend beside the axes."""
+    model, sampler and batch size; two legends beside the axes (markers, colours), not one entry per point."""
+    from matplotlib.lines import Line2D
+
     with figure(path, title, figsize=(10, 4.5)) as (_, ax):
         markers: dict[str, str] = {}
         colours: dict[str, str] = {}
         for row in rows:
             r: PolicyResult = row["result"]
             policy = r.policy + (f" {json.dumps(r.cache_config)}" if r.cache_config else "")
-            marker = markers.setdefault(policy, "os^Dvx*P<>"[len(markers) % 10])
+            marker = markers.setdefault(policy, "os^Dvx*P<>hH8pd"[len(markers) % 15])
             run = f"{row['model']} / {row['sampler']} / batch {row['batch_size']}"
-            colour = colours.setdefault(run, f"C{len(colours) % 10}")
-            ax.scatter(r.speedup, 100 * r.accuracy, marker=marker, color=colour, label=f"{policy}: {run}")
+            colour = colours.setdefault(run, PALETTE[len(colours) % len(PALETTE)])
+            ax.scatter(r.speedup, 100 * r.accuracy, marker=marker, color=colour)
         ax.set_xlabel("speedup over the baseline policy (wall clock)")
         ax.set_ylabel("accuracy (%)")
         ax.set_xscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        policy_legend = ax.legend(
+            [Line2D([], [], marker=m, color="black", linestyle="") for m in markers.values()], list(markers),
+            title="policy", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.add_artist(policy_legend)
+        ax.legend([Line2D([], [], marker="o", color=c, linestyle="") for c in colours.values()], list(colours),
+                  title="model / sampler / batch", fontsize=7, title_fontsize=7, loc="lower left",
+                  bbox_to_anchor=(1.01, 0.0))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="dengine bench policies", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine bench policies", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["llada-sudoku", "dream-sudoku"])
     parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual", "dllm", "d2cache"],
                         help='the first is the baseline; options as \'entropy:{"tau": 0.5}\'')
     parser.add_argument("--samplers", nargs="+", default=["one-token", "threshold:0.9"])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="max_num_seqs of each run")
-    parser.add_argument("--n", type=int, default=64, help="held-out problems per run")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16], help="max_num_seqs of each run")
+    parser.add_argument("--n", type=positive_int, default=64, help="held-out problems per run")
     add_task_arguments(parser)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json (and OUT.png with --plot)")

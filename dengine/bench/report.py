@@ -8,6 +8,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,9 +122,9 @@ def figure(path: Path, title: str | None = None, **subplots: Any) -> Iterator[tu
     fig, axes = plt.subplots(**subplots)
     try:
         yield fig, axes
-        if title:
-            fig.suptitle(title, fontsize=10)
+        if title:  # wrapped to the figure's width (about 14 characters an inch at 10 points)
+            fig.suptitle("\n".join(textwrap.wrap(title, width=int(fig.get_figwidth() * 14))), fontsize=10)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")  # legends placed beside the axes are kept whole
     finally:
         plt.close(fig)

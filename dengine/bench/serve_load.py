@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.assets import EMBEDDED_MODELS
+from dengine.cli_args import DefaultsHelpFormatter, positive_int
 from dengine.tasks import get_task, task_of_model
 
 
@@ -72,6 +73,13 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return 1e3 * ordered[min(len(ordered), max(1, math.ceil(q * len(ordered) - 1e-9))) - 1]
 
     return {"p50": rank(0.50), "p90": rank(0.90), "p99": rank(0.99), "mean": 1e3 * sum(ordered) / len(ordered)}
+
+
+def server_root(url: str) -> str:
+    """The server's root from what a user passes: with or without a trailing slash or the /v1 an OpenAI
+    client's base_url carries."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
 def check_loopback(url: str) -> None:
@@ -194,15 +202,16 @@ def plot(results: list[LoadResult], path: Path, title: str | None = None) -> Non
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="dengine bench serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser = argparse.ArgumentParser(prog="dengine bench serve", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (its /v1 base URL works too)")
     parser.add_argument("--model", default=None, help="the served model name (default: the server's only model)")
     loads = parser.add_mutually_exclusive_group()
     loads.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
-    loads.add_argument("--concurrency", type=int, help="closed loop: this many clients")
+    loads.add_argument("--concurrency", type=positive_int, help="closed loop: this many clients")
     loads.add_argument("--sweep-rates", type=float, nargs="+")
-    loads.add_argument("--sweep-concurrency", type=int, nargs="+")
-    parser.add_argument("--num-requests", type=int, default=64, help="per load point")
+    loads.add_argument("--sweep-concurrency", type=positive_int, nargs="+")
+    parser.add_argument("--num-requests", type=positive_int, default=64, help="per load point")
     parser.add_argument("--max-seconds", type=float, default=300, help="per load point")
     parser.add_argument("--max-tokens", type=int, default=None, help="the generation length (default: the task's)")
     parser.add_argument("--task", default=None,
@@ -213,9 +222,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--no-tqdm", action="store_true")
     args = parser.parse_args(argv)
-    url = args.url.rstrip("/")
+    url = server_root(args.url)
     check_loopback(url)
-    model = args.model or httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+    try:
+        served = httpx.get(f"{url}/v1/models", timeout=30)
+        served.raise_for_status()
+        model = args.model or served.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        parser.error(f"no dengine server answers at {url}/v1/models ({type(exc).__name__}: {exc}); "
+                     "start one with `dengine serve` or pass --url")
     if args.task:
         task = get_task(args.task)
     else:

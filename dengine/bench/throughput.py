@@ -28,6 +28,7 @@ from dengine.bench.accuracy import output_stats, parse_policy
 from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, figure, measured_peak_flops, plot_title, run_record, write_report
 from dengine.config import ModelConfig
+from dengine.cli_args import DefaultsHelpFormatter, positive_int
 from dengine.llm import LLM, chat_prompt
 from dengine.tasks import Task, generation_lengths, task_of_folder
 
@@ -144,12 +145,13 @@ def plot(pairs: list[tuple[ThroughputResult, ThroughputResult]], path: Path, tit
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="dengine bench throughput", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine bench throughput", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--model", default="llada-reverse")
     parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual"])
-    parser.add_argument("--n", type=int, default=64, help="requests per policy (without --concurrency)")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+    parser.add_argument("--n", type=positive_int, default=64, help="requests per policy (without --concurrency)")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=64)
+    parser.add_argument("--concurrency", type=positive_int, nargs="+", default=None,
                         help="instead: for each C, C requests batched and the same C one at a time")
     parser.add_argument("--prompt-source", choices=["task", "random"], default="task")
     parser.add_argument("--input-len", type=int, default=64, help="random prompts only")

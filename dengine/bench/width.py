@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck, measured_peak_flops, run_record, write_report
 from dengine.bench.throughput import flops_per_query_token
+from dengine.cli_args import DefaultsHelpFormatter, positive_int
 from dengine.kv.kv_cache import PagedKVCache
 from dengine.llm import LLM, chat_prompt
 from dengine.model_runner import ModelRunner, SequenceQuery
@@ -159,18 +160,19 @@ def policy_schedules(family: str, samplers: list[str], n: int, gen_length: int, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="dengine bench width", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine bench width", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--family", choices=sorted(REAL_CONFIGS), default="llada")
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2],
+    parser.add_argument("--layers", type=positive_int, nargs="+", default=[1, 2],
                         help="layer counts to time (two or more give the cost of one layer)")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/dengine-width"),
                         help="where the random checkpoints are written (kept and reused)")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256])
+    parser.add_argument("--rows", type=positive_int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--gen-length", type=int, default=256)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--samplers", nargs="+", default=["one-token", "threshold:0.9"])
-    parser.add_argument("--n", type=int, default=8, help="embedded-model problems whose schedules are recorded")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--n", type=positive_int, default=8, help="embedded-model problems whose schedules are recorded")
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps by the process's CPU time instead of wall time (on a shared machine)")
     parser.add_argument("--no-prepack", action="store_true",

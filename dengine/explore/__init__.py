@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from dengine.cli_args import DefaultsHelpFormatter
 from dengine.scheduler.policies import POLICIES
 from dengine.trace import Trace
 
@@ -59,7 +60,8 @@ def add_explore_route(app) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dengine explore", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dengine explore", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("traces", nargs="+", type=Path, help="JSON files holding traces")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the HTML page to write")
     args = parser.parse_args(argv)

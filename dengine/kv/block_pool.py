@@ -1,4 +1,4 @@
-"""A fixed set of KV blocks and the free list they are handed out from."""
+"""A fixed set of KV blocks and the free list they are handed out from (most recently freed first)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,6 @@ class BlockPool:
         for block in blocks:
             if not self._in_use[block]:
                 raise ValueError(f"block {block} is already free")
-        for block in blocks:
+        for block in reversed(blocks):
             self._in_use[block] = False
-            self._free.append(block)
+            self._free.appendleft(block)  # reused first: a CPU pool's resident pages stay those of the peak load

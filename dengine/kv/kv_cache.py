@@ -1,10 +1,14 @@
-"""The paged K/V tensors, one pair per layer, sized from a memory budget."""
+"""The paged K/V tensors, one pair per layer, and the plan that sizes them: what the load needs, capped by the
+memory left after the weights (or the budget the user sets)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dengine.config import ModelConfig
@@ -40,12 +44,18 @@ def available_memory_bytes(device: torch.device) -> int:
     return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def resolve_memory_budget(kv_cache_memory: int | float, device: torch.device) -> int:
-    """Bytes for the KV pool: an int is bytes, a float in (0, 1] a fraction of the device's total memory.
+# Default pool caps when kv_cache_memory is not given: what the pool may take of the memory left once the
+# weights are loaded. On CPU the rest stays for activations, the tokenizer, Ray and the other processes of a
+# shared host; on a GPU the pool may take the free memory above a reserve of (1 - utilization) of the card.
+CPU_SHARE_OF_AVAILABLE = 0.5
+GPU_MEMORY_UTILIZATION = 0.9
 
-    Total, not free: every replica of a deployment gets the same pool whatever happened to be free when it
-    started (a replacement replica next to a running twin included). A budget above what is free now is
-    logged: on a GPU the allocation will fail, on CPU pages are only taken as blocks are written."""
+
+def resolve_memory_budget(kv_cache_memory: int | float, device: torch.device) -> int:
+    """Bytes for the KV pool when the user sets kv_cache_memory: an int is bytes, a float in (0, 1] a fraction
+    of the device's total memory (the same pool on every replica, whatever is free when it starts). A budget
+    above what is free now is logged: on a GPU the allocation will fail, on CPU pages are only taken as blocks
+    are written."""
     if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, float)):
         raise ValueError(f"kv_cache_memory must be bytes (int) or a fraction (float), got {kv_cache_memory!r}")
     if isinstance(kv_cache_memory, float):
@@ -61,6 +71,72 @@ def resolve_memory_budget(kv_cache_memory: int | float, device: torch.device) ->
         logger.warning("the KV pool (%.2f GB) is larger than the %.2f GB %s memory free now", budget / 1e9,
                        available / 1e9, device.type)
     return budget
+
+
+def memory_cap_bytes(device: torch.device) -> tuple[int, str]:
+    """What a default pool may take now (call it after the weights are loaded), and how that was decided."""
+    available = available_memory_bytes(device)
+    if device.type == "cuda":
+        reserve = int(total_memory_bytes(device) * (1 - GPU_MEMORY_UTILIZATION))
+        return max(0, available - reserve), (f"{available / 1e9:.2f} GB free on the GPU after the weights, less a "
+                                             f"{reserve / 1e9:.2f} GB reserve ({1 - GPU_MEMORY_UTILIZATION:.0%} of the card)")
+    return int(available * CPU_SHARE_OF_AVAILABLE), (f"{CPU_SHARE_OF_AVAILABLE:.0%} of the {available / 1e9:.2f} GB "
+                                                     "of RAM available after the weights")
+
+
+@dataclass(frozen=True)
+class KVPoolPlan:
+    """How many KV blocks to allocate, and why (the engine logs `reason`)."""
+
+    num_blocks: int
+    block_bytes: int
+    reason: str
+
+    @property
+    def bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+
+def plan_kv_pool(config: ModelConfig, block_size: int, dtype: torch.dtype, device: torch.device, *,
+                 max_num_seqs: int, kv_cache_memory: int | float | None = None,
+                 layer_outputs: bool = False) -> KVPoolPlan:
+    """Size the KV pool. Given kv_cache_memory (bytes or a fraction of total memory), exactly that. Otherwise
+    what the load needs, max_num_seqs canvases of the model's longest context (at least two, as a guided request
+    takes; with dLLM-Cache's per-layer outputs when layer_outputs), capped by memory_cap_bytes: a small model gets a small pool, a large one what
+    is left after its weights. ValueError if not one block fits; a pool smaller than one longest canvas is
+    logged (requests longer than the pool are refused)."""
+    per_block = PagedKVCache.bytes_per_block(config, block_size, dtype)
+    longest = config.max_position_embeddings
+    canvas_blocks = -(-longest // block_size)
+    outputs_per_block = PagedKVCache.outputs_per_block_for(config, block_size)
+    if layer_outputs and outputs_per_block > 0:
+        canvas_blocks += -(-longest // outputs_per_block)
+    if kv_cache_memory is not None:
+        budget = resolve_memory_budget(kv_cache_memory, device)
+        num_blocks = PagedKVCache.num_blocks_for_budget(config, block_size, dtype, budget)
+        reason = f"kv_cache_memory={kv_cache_memory!r}"
+    else:
+        need = max(max_num_seqs, 2) * canvas_blocks  # two: one guided request (LLaDA's cfg) takes two canvases
+        cap, why = memory_cap_bytes(device)
+        num_blocks = min(need, cap // per_block)
+        reason = (f"max_num_seqs={max_num_seqs} canvases of {longest} tokens need {need * per_block / 1e9:.3f} GB; "
+                  f"the cap is {why}, {cap / 1e9:.2f} GB")
+        if num_blocks < 1:
+            raise ValueError(f"no memory for a KV pool: {reason}; free memory or set kv_cache_memory")
+    if num_blocks < canvas_blocks:
+        logger.warning("the KV pool (%d blocks of %d tokens) holds less than one canvas of the model's %d positions: "
+                       "longer requests are refused", num_blocks, block_size, longest)
+    return KVPoolPlan(num_blocks, per_block, reason)
+
+
+def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor; on CPU its pages are mapped zero pages the kernel commits only when written (calloc, not
+    an allocation then a write of every byte), so a pool's resident memory follows the blocks used."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    element = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(math.prod(shape) * element, dtype=np.uint8)  # numpy's calloc: untouched pages stay unmapped
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 class PagedKVCache:
@@ -82,8 +158,8 @@ class PagedKVCache:
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.key = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.value = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.key = [lazily_zeroed(shape, dtype, device) for _ in range(config.num_layers)]
+        self.value = [lazily_zeroed(shape, dtype, device) for _ in range(config.num_layers)]
         self.hidden_size = config.hidden_size
         self.outputs_per_block = self.outputs_per_block_for(config, block_size)
 

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from dengine.config import CheckpointError, ModelConfig, read_json
+from dengine.kv.kv_cache import available_memory_bytes
 from dengine.models import MODEL_FAMILIES
 from dengine.models.transformer import DiffusionLM
 
@@ -124,6 +125,16 @@ def _check_tensors(model: DiffusionLM, files: dict[str, Path]) -> dict[str, tupl
     return targets
 
 
+def check_weights_fit(model: DiffusionLM, device: torch.device, path: Path) -> None:
+    """Refuse, before any weight memory is allocated, a model whose weights exceed the device's free memory."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    available = available_memory_bytes(device)
+    if weights > available:
+        dtype = next(model.parameters()).dtype
+        raise MemoryError(f"{path}: the weights take {weights / 1e9:.2f} GB in {dtype} but only {available / 1e9:.2f} GB "
+                          f"of {device.type} memory is free; free memory, or load a smaller dtype")
+
+
 def load_model(
     path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu"
 ) -> DiffusionLM:
@@ -135,6 +146,7 @@ def load_model(
     with torch.device("meta"):
         model = family(config).to(torch_dtype)
     targets = _check_tensors(model, files)
+    check_weights_fit(model, torch.device(device), path)
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     with torch.no_grad():

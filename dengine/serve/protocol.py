@@ -5,9 +5,10 @@ Diffusion options ride along as extra body fields (the `extra_body` of OpenAI's 
 gen_length, block_length, steps, threshold, factor, remasking (or Dream's name `alg`), alg_temp, sigma,
 cfg_scale, stop_at_eos, cache_policy, cache_config, `tau` / `k` as shorthands for the EntropyCache
 options, and `trace` (the response then carries every denoising step; not with `stream`). OpenAI's
-`max_tokens` is the generation length: a diffusion model decodes a canvas of exactly that many positions
-(it may end early with EOS), so `max_tokens` and `gen_length` are the same field and giving both with
-different values is an error.
+`max_tokens` is the generation length: a diffusion model decodes a canvas of that many positions, so
+`max_tokens` and `gen_length` are the same field and giving both with different values is an error. It is a
+cap, not a cost: the server finishes a request as soon as its answer is fixed (an EOS committed with every
+position before it committed), unless the request sends `stop_at_eos: false`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from starlette.responses import Response
 from dengine.outputs import RequestMetrics, RequestOutput
 from dengine.sampling_params import SamplingParams
 from dengine.trace import Trace
+
+
+SERVER_STOPS_AT_EOS = True  # a request that does not send stop_at_eos finishes when its answer is fixed
 
 
 class RequestError(ValueError):
@@ -90,8 +94,10 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 changes["block_length"] = None  # the default block does not divide it: one block
             if self.steps is None and defaults.steps is not None:
                 changes["steps"] = None
+        # max_tokens is a cap to an OpenAI client: stop once the answer is fixed unless the request says otherwise
+        changes["stop_at_eos"] = SERVER_STOPS_AT_EOS if self.stop_at_eos is None else self.stop_at_eos
         for name in ("block_length", "steps", "temperature", "top_p", "top_k", "seed", "threshold", "factor",
-                     "alg_temp", "sigma", "cfg_scale", "stop_at_eos", "cache_policy", "trace"):
+                     "alg_temp", "sigma", "cfg_scale", "cache_policy", "trace"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value
@@ -155,13 +161,16 @@ class CompletionChoice(msgspec.Struct):
 
 
 class _Response(msgspec.Struct, kw_only=True):
-    """What every response and stream chunk carries; `dengine` is how the request was decoded."""
+    """What every response and stream chunk carries; `dengine` is how the request was decoded; `warning` (in a
+    whole response, or a stream's last chunk) says when the answer cannot mean anything (an embedded model asked
+    something other than its task)."""
 
     id: str
     created: int
     model: str
     usage: Usage | None = None
     dengine: RequestMetrics | None = None
+    warning: str | None = None
 
 
 class CompletionResponse(_Response, kw_only=True):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
@@ -33,6 +34,7 @@ from dengine.llm import chat_prompt
 from dengine.sampling_params import SamplingParams
 from dengine.serve import protocol as p
 from dengine.serve.metrics import ServerMetrics
+from dengine.tasks import task_of_folder
 
 logger = logging.getLogger(__name__)
 JSON = "application/json"
@@ -53,9 +55,30 @@ class OpenAIServer:
         self.stop_ids = {config.eos_token_id, engine.engine.eot_token_id}
         self.max_prompt_chars = config.max_position_embeddings * _longest_token_chars(engine.engine.tokenizer)
         self.metrics = ServerMetrics(model_name, replica)
+        self.task = task_of_folder(engine.engine.model_path)  # an embedded model's task; None for a real model
         engine.on_stats = self.metrics.observe  # gauges follow the engine, aborts and idle included
 
     # -- validation -------------------------------------------------------------------------------
+
+    def off_task_warning(self, question: str | None, raw: bool = False) -> str | None:
+        """For an embedded model (trained on one task only, as a chat), a warning when question is not one of its
+        task's: the last user message of a chat or, raw, a completion prompt, which must then be a task question
+        inside the model's chat template (the form the model was trained on)."""
+        task = self.task
+        if task is None or question is None:
+            return None
+        if raw:
+            prefix, _, suffix = self.engine.engine.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "\x00"}], add_generation_prompt=True, tokenize=False).partition("\x00")
+            inside = question.startswith(prefix) and question.endswith(suffix) and len(question) >= len(prefix + suffix)
+            if inside and task.recognizes(question[len(prefix) : len(question) - len(suffix)]):
+                return None
+        elif task.recognizes(question):
+            return None
+        how = "inside the model's chat template (or use /v1/chat/completions)" if raw else "as a chat"
+        return (f"{self.model_name} is an embedded model trained only on the task {task.name} ({task.summary}); "
+                f"this prompt is not one of its questions, which read like {task.example!r} {how}, so the answer "
+                "means nothing")
 
     def _check_model(self, request: p.DiffusionFields) -> None:
         if request.model is not None and request.model != self.model_name:
@@ -119,13 +142,14 @@ class OpenAIServer:
         else:
             prompt = {"prompt_token_ids": request.prompt}
         request_id = await self._queue(request, prompt)
+        warning = self.off_task_warning(request.prompt if isinstance(request.prompt, str) else None, raw=True)
         if request.stream:
-            return self._sse(self._completion_events(request, request_id, response_id, created))
+            return self._sse(self._completion_events(request, request_id, response_id, created, warning))
         output = await self._final(request_id)
         response = p.CompletionResponse(
             id=response_id, created=created, model=self.model_name,
             choices=[p.CompletionChoice(0, output.text or "", p.finish_reason(output, self.stop_ids))],
-            usage=p.usage(output, self.stop_ids), dengine=output.metrics, trace=output.trace,
+            usage=p.usage(output, self.stop_ids), dengine=output.metrics, trace=output.trace, warning=warning,
         )
         return Response(msgspec.json.encode(response), media_type=JSON)
 
@@ -138,14 +162,16 @@ class OpenAIServer:
             raise p.RequestError("messages must not be empty", param="messages")
         self._check_prompt_chars(sum(len(m.content) for m in request.messages), "messages")
         request_id = await self._queue(request, None)
+        asked = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        warning = self.off_task_warning(asked)
         if request.stream:
-            return self._sse(self._chat_events(request, request_id, response_id, created))
+            return self._sse(self._chat_events(request, request_id, response_id, created, warning))
         output = await self._final(request_id)
         response = p.ChatCompletionResponse(
             id=response_id, created=created, model=self.model_name,
             choices=[p.ChatChoice(0, p.ChatMessageOut("assistant", output.text or ""),
                                   p.finish_reason(output, self.stop_ids))],
-            usage=p.usage(output, self.stop_ids), dengine=output.metrics, trace=output.trace,
+            usage=p.usage(output, self.stop_ids), dengine=output.metrics, trace=output.trace, warning=warning,
         )
         return Response(msgspec.json.encode(response), media_type=JSON)
 
@@ -176,7 +202,8 @@ class OpenAIServer:
         self.metrics.finished(len(chunk.output.token_ids), chunk.output.metrics.nfe)
         self.metrics.observe(self.engine.stats())
 
-    async def _completion_events(self, request, request_id, response_id, created) -> AsyncIterator[bytes]:
+    async def _completion_events(self, request, request_id, response_id, created,
+                                 warning: str | None) -> AsyncIterator[bytes]:
         async for chunk in self.engine.stream(request_id):
             reason = None
             if chunk.output is not None:
@@ -187,13 +214,15 @@ class OpenAIServer:
                     id=response_id, created=created, model=self.model_name,
                     choices=[p.CompletionChoice(0, chunk.text, reason)],
                     dengine=chunk.output.metrics if chunk.output else None,
+                    warning=warning if chunk.output else None,
                 ))
             if chunk.output is not None and request.stream_options and request.stream_options.include_usage:
                 yield _event(p.CompletionResponse(id=response_id, created=created, model=self.model_name,
                                                   choices=[], usage=p.usage(chunk.output, self.stop_ids)))
         yield b"data: [DONE]\n\n"
 
-    async def _chat_events(self, request, request_id, response_id, created) -> AsyncIterator[bytes]:
+    async def _chat_events(self, request, request_id, response_id, created,
+                           warning: str | None) -> AsyncIterator[bytes]:
         def event(delta: p.ChatMessageOut, reason: str | None = None, **extra) -> bytes:
             return _event(p.ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
                                                 choices=[p.ChatDeltaChoice(0, delta, reason)], **extra))
@@ -205,7 +234,7 @@ class OpenAIServer:
             if chunk.output is not None:
                 self._record(chunk)
                 yield event(p.ChatMessageOut(), p.finish_reason(chunk.output, self.stop_ids),
-                            dengine=chunk.output.metrics)
+                            dengine=chunk.output.metrics, warning=warning)
                 if request.stream_options and request.stream_options.include_usage:
                     yield _event(p.ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
                                                        choices=[], usage=p.usage(chunk.output, self.stop_ids)))

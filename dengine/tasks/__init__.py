@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable, Iterator, Protocol
@@ -48,6 +49,16 @@ class Task:
     gen_length: int
     block_length: int
     sampler: str = "one-token"  # the sampler it is evaluated with (dengine.bench.policies.sampler_params)
+    question_pattern: str = ""  # a regular expression every question of the task matches in full
+
+    def recognizes(self, question: str) -> bool:
+        """True iff question reads like one of the task's (a model trained on it answers nothing else)."""
+        return re.fullmatch(self.question_pattern, question.strip()) is not None
+
+    @property
+    def example(self) -> str:
+        """The first held-out question: what a prompt for a model trained on this task looks like."""
+        return self.held_out(1)[0].question
 
     def generate(self, count: int, seed: int) -> list[Problem]:
         """count problems from a generator seeded with seed."""
@@ -77,6 +88,7 @@ TASKS: dict[str, Task] = {
         held_out_seed=HELD_OUT_SEED,
         gen_length=128,
         block_length=32,
+        question_pattern=r"Reverse the digits of \d{6}",
     ),
     "sudoku4": Task(
         name="sudoku4",
@@ -86,16 +98,19 @@ TASKS: dict[str, Task] = {
         held_out_seed=20261201,
         gen_length=24,
         block_length=24,
+        question_pattern=r"Complete the sudoku [.1-4]{4}(/[.1-4]{4}){3}",
     ),
     "sudoku-chain": Task(
         name="sudoku-chain",
-        summary="complete a 4x4 sudoku, then write 11 more grids, each the one before with every digit d -> d mod 4 + 1",
-        answer_format="12 grids separated by ';' (rows by '/'); the first any valid completion, each later one "
-                      "the previous relabelled",
+        summary="complete a 4x4 sudoku, then write 11 more, each starting from the bottom band (last two rows) of "
+                "the one before and completing it",
+        answer_format="12 grids separated by ';' (rows by '/'); the first any valid completion of the puzzle, each "
+                      "later one any valid sudoku whose top band is the previous grid's bottom band",
         make_problem=SudokuChainGenerator(),
         held_out_seed=20261205,
         gen_length=256,
         block_length=32,
+        question_pattern=r"Chain of the sudoku [.1-4]{4}(/[.1-4]{4}){3}",
     ),
 }
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dengine.config import ModelConfig
+from dengine.cli_args import DefaultsHelpFormatter
 from dengine.models import MODEL_FAMILIES
 from dengine.models.loader import load_model
 from dengine.tasks import TASKS, Problem, Task, get_task, write_task_file
@@ -123,7 +124,8 @@ def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, g
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train an embedded model (LLaDA or Dream format) on a task.")
+    parser = argparse.ArgumentParser(description="Train an embedded model (LLaDA or Dream format) on a task.",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="digit-reversal")
     parser.add_argument("--family", choices=sorted(MODEL_FAMILIES), required=True)
     parser.add_argument("--out", type=Path, required=True)
