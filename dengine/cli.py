@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import signal
+import sys
 import time
 
 from dengine.cli_args import DefaultsHelpFormatter
@@ -56,6 +59,8 @@ def _check_serve_options(args: argparse.Namespace) -> tuple[dict, dict]:
     SamplingParams(**defaults)
     if args.ray_address is None:  # a local Serve binds host:port itself; fail before starting Ray
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            # as uvicorn binds: a port a just-stopped server left in TIME_WAIT is free, a listening one is not
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((args.host, args.port))
             except OSError as exc:
@@ -81,6 +86,7 @@ def _serve(args: argparse.Namespace, defaults: dict, engine_kwargs: dict) -> Non
                     model_name=args.served_model_name, defaults=defaults, **engine_kwargs)
     # a busy machine starts Serve's HTTP proxy slowly; Serve's default 5 s readiness check would kill it
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    quiet_ray_logs()
     # a terminal's Ctrl-C signals the whole foreground process group: the processes ray.init starts inherit
     # SIGINT ignored, so the HTTP proxy and the replicas keep serving while this process drains them
     interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -90,8 +96,9 @@ def _serve(args: argparse.Namespace, defaults: dict, engine_kwargs: dict) -> Non
         signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, whose own handler dumps a stack and aborts
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app, name="dengine", route_prefix="/", blocking=False)
+        logs = {"enable_access_log": args.access_log}
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=logs)  # the proxy's
+        serve.run(app, name="dengine", route_prefix="/", blocking=False, logging_config=logs)  # the replicas'
         print(f"dengine: serving on http://{args.host}:{args.port}/v1 ({args.replicas} replica(s)); Ctrl-C or "
               "SIGTERM stops", flush=True)
         task = task_of_folder(resolve_model(args.model))
@@ -103,10 +110,36 @@ def _serve(args: argparse.Namespace, defaults: dict, engine_kwargs: dict) -> Non
             time.sleep(3600)
     except KeyboardInterrupt:
         _drain(args.grace_period)
-    serve.shutdown()
     if args.ray_address is None:
-        ray.shutdown()  # the local Ray this command started; a cluster given by --ray-address stays up
+        ray.shutdown()  # the local Ray this command started, Serve with it (drained: nothing is in flight)
+    else:
+        try:
+            serve.delete("dengine")  # this application only: the cluster and its other applications stay up
+        except KeyboardInterrupt:
+            print("dengine: interrupted again; the application may still be deleting", flush=True)
     print("dengine: stopped", flush=True)
+
+
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def quiet_ray_logs() -> None:
+    """Keep Ray's console output to what an operator needs: no colour codes when the output is not a terminal
+    (a log file); no warning that a new local cluster turned on token authentication (Ray's default, kept), and
+    no "Connecting to existing Serve app" line, which `serve.run` logs after the `serve.start` this command
+    makes itself."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    for name, start in (("ray._private.authentication.authentication_token_setup", "Token authentication is enabled"),
+                        ("ray.serve", "Connecting to existing Serve app")):
+        logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+    if not sys.stdout.isatty():  # the dashboard's address comes wrapped in colour codes
+        logging.getLogger("ray._private.worker").addFilter(_strip_colour)
+
+
+def _strip_colour(record: logging.LogRecord) -> bool:
+    record.msg, record.args = ANSI_CODE.sub("", record.getMessage()), None
+    return True
 
 
 def _drain(grace_s: float) -> None:
@@ -171,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--gen-length", type=int, default=None,
                        help="when a request sets no max_tokens (default: the model's task's, else 128)")
     serve.add_argument("--block-length", type=int, default=None, help="default: the model's task's, else 32")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log a line per request from the HTTP proxy and the replicas (Ray Serve's access log)")
     serve.add_argument("--grace-period", type=float, default=30.0,
                        help="seconds requests in flight get to finish on SIGTERM / Ctrl-C (default 30)")
 

@@ -83,3 +83,42 @@ def test_serve_hands_checked_options_to_the_app(monkeypatch):
     for option in ("--replicas", "--host", "--port", "--dtype", "--cache-policy", "--max-num-seqs"):
         described = options.split(f"  {option}", 1)[1].split("\n  --", 1)[0]
         assert "default" in described, f"{option} has no default in --help: {described!r}"
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["demo"], ["explore"], *(["bench", name] for name in sorted(cli.BENCHMARKS))])
+def test_every_help_names_each_options_default(argv, capsys, monkeypatch):
+    """Every option with a default says it in --help, whichever subcommand prints it."""
+    import argparse
+
+    shown = []
+    real = argparse.ArgumentParser.print_help
+    monkeypatch.setattr(argparse.ArgumentParser, "print_help",
+                        lambda self, file=None: (shown.append(self), real(self, file))[1])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([*argv, "--help"])
+    capsys.readouterr()
+    assert stopped.value.code == 0 and len(shown) == 1
+    parser = shown[0]
+    options = [a for a in parser._actions
+               if a.option_strings and a.default not in (None, False, argparse.SUPPRESS) and a.help != argparse.SUPPRESS]
+    assert options or argv == ["explore"], argv  # explore's options are a required path and the traces
+    for action in options:
+        assert "default" in parser._get_formatter()._get_help_string(action), (argv, action.dest)
+
+
+@pytest.mark.parametrize("argv", [["bench", "throughput", "--concurrency", "0"], ["bench", "accuracy", "--n", "-1"],
+                                  ["demo", "--n", "0"]])
+def test_counts_below_one_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_serve_takes_the_clients_base_url_and_says_when_no_server_answers(capsys):
+    from dengine.bench.serve_load import server_root
+
+    assert server_root("http://127.0.0.1:8123/v1") == server_root("http://127.0.0.1:8123/v1/") == "http://127.0.0.1:8123"
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["bench", "serve", "--url", "http://127.0.0.1:9/v1"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "no dengine server answers at http://127.0.0.1:9/v1/models" in err

@@ -145,3 +145,33 @@ def test_a_stream_failing_for_another_reason_ends_with_an_error_event_not_a_cut(
     status, got = asyncio.run(_collect(relay, {"prompt": "x", "stream": True}))
     assert got[0] == _event("ab") and got[-1] == DONE
     assert json.loads(got[1][len(b"data: "):])["error"]["type"] == "server_error" and relay.in_flight == 0
+
+
+@pytest.mark.parametrize("death", ["ActorDiedError", "OutOfMemoryError", "WorkerCrashedError", "NodeDiedError",
+                                   "OwnerDiedError"])
+def test_every_way_ray_reports_a_dead_replica_is_retried(death):
+    """The memory monitor's OutOfMemoryError, a crashed worker, a lost node, a lost result: none derives from
+    RayActorError, and each must be retried on another replica like a killed actor."""
+    exceptions = pytest.importorskip("ray.exceptions")
+    from dengine.serve.deployment import RETRYABLE
+
+    error_type = getattr(exceptions, death)
+    assert issubclass(error_type, RETRYABLE)
+    error = error_type.__new__(error_type)  # Ray's constructors want task context; the type is what counts
+    answer = b'{"choices": [{"text": "42"}]}'
+
+    def call(endpoint, body, response_id, created):
+        attempts.append(body)
+
+        async def parts():
+            if len(attempts) == 1:
+                raise error
+            yield Head(200, "application/json", {})
+            yield answer
+
+        return parts()
+
+    attempts = []
+    relay = Relay(call, RETRYABLE, retry_timeout_s=5)
+    status, got = asyncio.run(_collect(relay, {"prompt": "x"}))
+    assert status == 200 and got == [answer] and len(attempts) == 2

@@ -106,7 +106,12 @@ def test_completion_and_chat_streamed_equal_non_streamed(client):
     body = {"model": "tiny", "prompt": "Add: a5 b7", "max_tokens": 32, "temperature": 0.7, "seed": 11}
     whole = client.post("/v1/completions", json=body).json()
     assert whole["object"] == "text_completion" and whole["choices"][0]["finish_reason"] in ("stop", "length")
-    assert whole["usage"]["prompt_tokens"] > 0 and whole["dengine"]["nfe"] == 32
+    assert whole["usage"]["prompt_tokens"] > 0
+    # one token per step; the server stops once the answer is fixed, so a whole canvas only without an EOS
+    if whole["choices"][0]["finish_reason"] == "length":
+        assert whole["dengine"]["nfe"] == 32
+    else:
+        assert whole["dengine"]["nfe"] <= 32
     events = _events(client.post("/v1/completions", json={**body, "stream": True}))
     assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
     assert events[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
@@ -266,6 +271,9 @@ def test_oversized_bodies_and_prompts_are_refused_before_tokenization(chat_folde
                                    "messages")):
             response = c.post(path, json=body)
             assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+        many_empty = [{"role": "user", "content": ""}] * (server.engine.engine.config.max_position_embeddings + 1)
+        response = c.post("/v1/chat/completions", json={"messages": many_empty})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "messages", response.text
 
 
 def test_gauges_follow_the_engine_without_a_scrape_aborts_included(chat_folders):
@@ -388,3 +396,12 @@ def test_an_embedded_model_asked_off_its_task_says_the_answer_means_nothing():
     assert [e["warning"] is not None for e in streamed] == [False] * (len(streamed) - 1) + [True]
     assert raw["warning"] is None, "a task question inside the chat template is on task"
     assert "inside the model's chat template" in bare["warning"], "without the template the model is off its task"
+
+
+def test_json_nested_past_the_decoders_depth_is_a_400_at_the_replica_and_the_router(client):
+    from dengine.serve.router import with_seed
+
+    nested = b'{"prompt": "x", "max_tokens": 8, "cache_config": {"k": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    assert with_seed(nested, random.Random(0)) == (nested, False), "the router passes it on unchanged"
+    response = client.post("/v1/completions", content=nested, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]

@@ -88,3 +88,7 @@ def test_sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0(chat_fol
     assert texts == [o.text for o in reference.generate([b["prompt"] for b in bodies], params, use_tqdm=False)]
     assert process.returncode == 0, out
     assert "every request in flight finished" in out and "dengine: stopped" in out, out
+    # the console is for operators: no Ray noise, no colour codes in a log file, no line per request
+    for noise in ("Token authentication is enabled", "Connecting to existing Serve app", "graceful_shutdown failed",
+                  "\x1b[", "POST /v1/completions", "Traceback"):
+        assert noise not in out, (noise, out)

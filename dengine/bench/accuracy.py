@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from dengine.assets import resolve_model
 from dengine.bench.report import QuietCheck, run_record, write_report
 from dengine.cli_args import DefaultsHelpFormatter, positive_int
@@ -95,10 +97,15 @@ def evaluate(llm: LLM, problems: list[Problem], params: SamplingParams, use_tqdm
 
 def compare(llm: LLM, problems: list[Problem], base: SamplingParams,
             policies: list[tuple[str, dict[str, Any] | None]], use_tqdm: bool = True) -> list[PolicyResult]:
-    """Each policy on the same problems and sampler; speedups against the first one."""
+    """Each policy on the same problems and sampler; speedups against the first one. With use_tqdm, an overall
+    bar counts the policies done above each run's own bar."""
     results = []
-    for name, config in policies:
-        results.append(evaluate(llm, problems, base.replace(cache_policy=name, cache_config=config), use_tqdm))
+    overall = tqdm(total=len(policies), desc="policies", unit="run", disable=not use_tqdm or len(policies) < 2,
+                   dynamic_ncols=True)
+    with overall:
+        for name, config in policies:
+            results.append(evaluate(llm, problems, base.replace(cache_policy=name, cache_config=config), use_tqdm))
+            overall.update(1)
     for result in results:
         result.speedup = results[0].wall_s / result.wall_s
     return results

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import (
+    ActorUnavailableError,
+    NodeDiedError,
+    ObjectLostError,
+    OutOfMemoryError,
+    RayActorError,
+    WorkerCrashedError,
+)
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from dengine.async_engine import AsyncLLMEngine
@@ -28,9 +35,12 @@ from dengine.sampling_params import SamplingParams
 from dengine.serve.router import Head, Relay, router_app
 from dengine.serve.server import DEFAULT_MAX_BODY_BYTES, OpenAIServer
 
-# what a dead, restarting or overloaded replica raises through a handle: worth another replica's try
-RETRYABLE = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError,
-             BackPressureError)
+# what a dead, restarting or overloaded replica raises through a handle: worth another replica's try. Ray's memory
+# monitor killing a replica raises OutOfMemoryError, a crashed worker process WorkerCrashedError, a lost node
+# NodeDiedError, and a result owned by a dead worker ObjectLostError (OwnerDiedError...): none of them derives from
+# RayActorError, and on a busy host the memory monitor is the likeliest death of all.
+RETRYABLE = (RayActorError, ActorUnavailableError, OutOfMemoryError, WorkerCrashedError, NodeDiedError,
+             ObjectLostError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
 
 
 @serve.deployment(name="engine", max_ongoing_requests=256, health_check_period_s=5, health_check_timeout_s=30,

@@ -258,6 +258,8 @@ def decode_request(body: bytes, kind: type[msgspec.Struct]) -> Any:
         raise RequestError(str(exc), param=_field_at_fault(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise RequestError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("the JSON body is nested too deeply") from None
 
 
 def _field_at_fault(message: str) -> str | None:

@@ -53,7 +53,8 @@ class OpenAIServer:
         self.defaults = defaults or SamplingParams(gen_length=128, block_length=32)
         config = engine.engine.config
         self.stop_ids = {config.eos_token_id, engine.engine.eot_token_id}
-        self.max_prompt_chars = config.max_position_embeddings * _longest_token_chars(engine.engine.tokenizer)
+        self.token_chars = _longest_token_chars(engine.engine.tokenizer)
+        self.max_prompt_chars = config.max_position_embeddings * self.token_chars
         self.metrics = ServerMetrics(model_name, replica)
         self.task = task_of_folder(engine.engine.model_path)  # an embedded model's task; None for a real model
         engine.on_stats = self.metrics.observe  # gauges follow the engine, aborts and idle included
@@ -160,7 +161,9 @@ class OpenAIServer:
             raise p.RequestError("this model has no chat template; use /v1/completions")
         if not request.messages:
             raise p.RequestError("messages must not be empty", param="messages")
-        self._check_prompt_chars(sum(len(m.content) for m in request.messages), "messages")
+        # each message adds at least one token of the chat template's (its role marker): counted as a token's
+        # worth of characters, so 140,000 empty messages are refused before the template renders them
+        self._check_prompt_chars(sum(len(m.content) + self.token_chars for m in request.messages), "messages")
         request_id = await self._queue(request, None)
         asked = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         warning = self.off_task_warning(asked)
