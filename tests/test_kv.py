@@ -195,3 +195,17 @@ def test_cpu_pool_pages_are_committed_only_when_written():
     for layer in range(llada.num_layers):
         cache.write(layer, key, key, torch.arange(16) + 16 * (num_blocks - 1))
     assert torch.equal(cache.key[0][num_blocks - 1], key)
+
+
+def test_the_engine_logs_its_pool_and_why(tmp_path, caplog, seed):
+    import logging
+
+    from checkpoints import write_checkpoint
+    from dengine import LLMEngine
+
+    folder, _ = write_checkpoint(tmp_path, "llada", seed=seed)
+    with caplog.at_level(logging.INFO, logger="dengine.engine"):
+        engine = LLMEngine(folder, dtype="float32", max_num_seqs=3, block_size=8)
+    per_canvas = -(-engine.config.max_position_embeddings // 8)
+    assert engine.kv_manager.pool.num_blocks == 3 * per_canvas, "a small model's pool is what its load needs"
+    assert f"KV pool: {3 * per_canvas} blocks of 8 tokens" in caplog.text and "max_num_seqs=3" in caplog.text
