@@ -158,7 +158,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": 24, "block_length": 16}, None),
     ("/v1/completions", {"prompt": "x", "max_tokens": 8, "gen_length": 16}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
-    ("/v1/completions", {"prompt": "x", "stop": ["\n"]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # OpenAI's limit is 4
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 4}, "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": True, "stop_at_eos": True}, "ignore_eos"),
     ("/v1/completions", {"prompt": "x", "cache_policy": "nonsense"}, "cache_policy"),
     ("/v1/completions", {"prompt": "x", "cache_policy": "dual", "tau": 0.3}, None),
     ("/v1/completions", {"prompt": "x", "top_p": 0.9}, "top_p"),  # Dream-only option on a LLaDA model
@@ -179,6 +184,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}], "max_tokens": 2000}, "messages"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                          "image_url": {"url": "x"}}]}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 8,
+                              "max_completion_tokens": 16}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
 ]
 
 
@@ -405,3 +416,40 @@ def test_json_nested_past_the_decoders_depth_is_a_400_at_the_replica_and_the_rou
     assert with_seed(nested, random.Random(0)) == (nested, False), "the router passes it on unchanged"
     response = client.post("/v1/completions", content=nested, headers={"content-type": "application/json"})
     assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]
+
+
+def test_openai_fields_real_clients_send_are_honoured(client):
+    """max_completion_tokens (the SDK's chat name), text content parts, the developer role, stop strings (streams
+    too), echo, ignore_eos, user and penalties at their defaults: the bodies the openai SDK, guidellm and lm-eval
+    send."""
+    base = {"model": "tiny", "temperature": 0.7, "seed": 5, "block_length": 8}
+    chat = lambda **f: client.post("/v1/chat/completions", json={**base, **f})  # noqa: E731
+    plain = chat(messages=[{"role": "user", "content": "Add: a5 b7"}], max_tokens=32).json()
+    parts = chat(messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                           {"role": "user", "content": [{"type": "text", "text": "Add: "}, {"type": "text", "text": "a5 b7"}]}],
+                 max_completion_tokens=32, user="u-1", presence_penalty=0, frequency_penalty=0.0).json()
+    system = chat(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add: a5 b7"}],
+                  max_tokens=32).json()
+    assert parts["choices"][0]["message"]["content"] == system["choices"][0]["message"]["content"]
+    assert parts["usage"] == system["usage"]
+
+    body = {**base, "prompt": "Add: a5 b7", "max_tokens": 32, "stop_at_eos": False}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert len(whole) >= 6, whole
+    stop = whole[3:5]
+    cut = whole[: whole.find(stop)]
+    stopped = client.post("/v1/completions", json={**body, "stop": [stop, "\x00never"]}).json()
+    assert stopped["choices"][0] == {"index": 0, "text": cut, "finish_reason": "stop", "logprobs": None}
+    events = _events(client.post("/v1/completions", json={**body, "stop": stop, "stream": True,
+                                                           "stream_options": {"include_usage": True}}))
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == cut
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-1]["usage"] == stopped["usage"]
+
+    echoed = client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]["text"]
+    assert echoed == "Add: a5 b7" + whole
+    streamed = _events(client.post("/v1/completions", json={**body, "echo": True, "stream": True}))
+    assert "".join(e["choices"][0]["text"] for e in streamed) == echoed
+
+    fixed = client.post("/v1/completions", json={**body, "stop_at_eos": None, "ignore_eos": True}).json()
+    assert fixed["usage"]["completion_tokens"] == 32 and fixed["choices"][0]["finish_reason"] == "length"
+    assert fixed["dengine"]["nfe"] == 32, "the whole canvas is decoded"

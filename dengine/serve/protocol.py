@@ -1,6 +1,10 @@
 """The OpenAI-compatible wire format, as msgspec Structs: requests are decoded strictly (wrong types,
 unknown fields and out-of-range values are errors) before anything reaches the engine.
 
+OpenAI's fields are honoured where a diffusion model can (stop strings, echo, text content parts,
+max_completion_tokens, vLLM's ignore_eos) and otherwise accepted at their defaults and refused with a reason
+at any other value (UNSUPPORTED; docs/serving.md has the table).
+
 Diffusion options ride along as extra body fields (the `extra_body` of OpenAI's Python client):
 gen_length, block_length, steps, threshold, factor, remasking (or Dream's name `alg`), alg_temp, sigma,
 cfg_scale, stop_at_eos, cache_policy, cache_config, `tau` / `k` as shorthands for the EntropyCache
@@ -26,6 +30,27 @@ from dengine.sampling_params import SamplingParams
 from dengine.trace import Trace
 
 
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+# OpenAI request fields a diffusion model cannot honour: (field, why); refused at any value but the field's default
+PENALTY = "penalties depend on the order tokens are generated in; a diffusion canvas commits them in any order"
+UNSUPPORTED = (
+    ("n", "one answer per request (send n requests with different seeds)"),
+    ("presence_penalty", PENALTY),
+    ("frequency_penalty", PENALTY),
+    ("logit_bias", "not implemented for diffusion sampling"),
+    ("logprobs", "not implemented yet"),
+    ("top_logprobs", "not implemented yet"),
+    ("best_of", "one answer per request"),
+    ("suffix", "the model has no infilling template"),
+    ("min_tokens", "a diffusion model places EOS anywhere in its canvas; a minimum would need EOS masked per "
+                   "position"),
+    ("tools", "the embedded and supported models have no tool-calling template"),
+    ("tool_choice", "the embedded and supported models have no tool-calling template"),
+    ("parallel_tool_calls", "the embedded and supported models have no tool-calling template"),
+    ("response_format", "structured output is not implemented"),
+    ("service_tier", "one tier"),
+    ("reasoning_effort", "not a reasoning model"),
+)
 SERVER_STOPS_AT_EOS = True  # a request that does not send stop_at_eos finishes when its answer is fixed
 
 
@@ -54,8 +79,15 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None  # refused unless empty: a diffusion canvas is decoded as a whole
+    stop: str | list[str] | None = None  # the text is cut at the first stop string (finish_reason "stop")
     user: str | None = None
+    # OpenAI fields a diffusion model cannot honour: accepted at their defaults, refused otherwise (UNSUPPORTED)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extensions that load testers send
+    ignore_eos: bool = False  # decode and count the whole max_tokens canvas, as if EOS ended nothing
+    min_tokens: int = 0
     # diffusion extras
     gen_length: int | None = None
     block_length: int | None = None
@@ -76,12 +108,16 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
         """The request's SamplingParams over the server's defaults; RequestError naming the field if invalid."""
-        if self.n != 1:
-            raise RequestError("only n=1 is supported", param="n")
         if self.trace and self.stream:
             raise RequestError("trace comes with the whole response: it needs stream false", param="trace")
-        if self.stop:
-            raise RequestError("stop strings are not supported (the model ends its answer with EOS)", param="stop")
+        unset = {field.name: field.default for field in msgspec.structs.fields(self)}
+        for name, why in UNSUPPORTED:
+            if name in unset and getattr(self, name) != unset[name]:
+                raise RequestError(f"{name} is not supported: {why}", param=name)
+        if len(self.stop_strings) > MAX_STOP_STRINGS or not all(self.stop_strings):
+            raise RequestError(f"stop takes 1 to {MAX_STOP_STRINGS} non-empty strings", param="stop")
+        if self.ignore_eos and self.stop_at_eos:
+            raise RequestError("ignore_eos decodes the whole canvas; it contradicts stop_at_eos true", param="ignore_eos")
         if self.max_tokens is not None and self.gen_length is not None and self.max_tokens != self.gen_length:
             raise RequestError("max_tokens and gen_length are the same field; they disagree", param="max_tokens")
         if self.remasking is not None and self.alg is not None and self.remasking != self.alg:
@@ -95,7 +131,8 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             if self.steps is None and defaults.steps is not None:
                 changes["steps"] = None
         # max_tokens is a cap to an OpenAI client: stop once the answer is fixed unless the request says otherwise
-        changes["stop_at_eos"] = SERVER_STOPS_AT_EOS if self.stop_at_eos is None else self.stop_at_eos
+        stop_at_eos = SERVER_STOPS_AT_EOS if self.stop_at_eos is None else self.stop_at_eos
+        changes["stop_at_eos"] = stop_at_eos and not self.ignore_eos
         for name in ("block_length", "steps", "temperature", "top_p", "top_k", "seed", "threshold", "factor",
                      "alg_temp", "sigma", "cfg_scale", "cache_policy", "trace"):
             value = getattr(self, name)
@@ -118,6 +155,10 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         except (ValueError, TypeError) as exc:
             raise self.field_error(str(exc)) from None
 
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
     def field_error(self, message: str) -> RequestError:
         """A SamplingParams error in the request's own words: named after the field the client sent (max_tokens
         rather than gen_length, alg rather than remasking), that field as the error's param."""
@@ -132,16 +173,54 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class CompletionRequest(DiffusionFields, kw_only=True, forbid_unknown_fields=True):
     prompt: str | list[int]
+    echo: bool = False  # the prompt's text before the completion's (the first event of a stream)
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class TextPart(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="text"):
+    """OpenAI's content part form ({"type": "text", "text": ...}); the only kind a text model takes."""
+
+    text: str
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
     name: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The content as one string: text parts joined, as OpenAI's own models read them."""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    @property
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role  # OpenAI's newer name for the system role
 
 
 class ChatCompletionRequest(DiffusionFields, kw_only=True, forbid_unknown_fields=True):
     messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's current name for max_tokens in chat
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+
+    def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise RequestError("max_tokens and max_completion_tokens are the same field; they disagree",
+                                   param="max_completion_tokens")
+            self.max_tokens = self.max_completion_tokens
+        return super().sampling_params(defaults)
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -296,3 +375,56 @@ def usage(output: RequestOutput, stop_ids: set[int]) -> Usage:
     """Completion tokens are the answer's: generated tokens before the first EOS / end of turn."""
     answer = next((i for i, token in enumerate(output.token_ids) if token in stop_ids), len(output.token_ids))
     return Usage(len(output.prompt_token_ids), answer, len(output.prompt_token_ids) + answer)
+
+
+class Answer:
+    """What the client gets of one request's output: the text cut at the first stop string (held back while it
+    may still begin one, for streams), the finish reason and the usage, with ignore_eos honoured."""
+
+    def __init__(self, request: DiffusionFields, stop_ids: set[int], tokenizer) -> None:
+        self.stops = request.stop_strings
+        self.hold = max((len(stop) for stop in self.stops), default=1) - 1
+        self.ignore_eos = request.ignore_eos
+        self.stop_ids, self.tokenizer = stop_ids, tokenizer
+        self.pending, self.emitted, self.stopped = "", "", False
+
+    def feed(self, text: str) -> str:
+        """The part of text (arriving block by block) that can be sent now."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        cuts = [i for i in (self.pending.find(stop) for stop in self.stops) if i >= 0]
+        if cuts:
+            out, self.pending, self.stopped = self.pending[: min(cuts)], "", True
+        else:
+            keep = min(self.hold, len(self.pending))
+            out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        self.emitted += out
+        return out
+
+    def flush(self) -> str:
+        """What was held back, once the output is final."""
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        self.emitted += out
+        return out
+
+    def whole(self, output: RequestOutput) -> str:
+        return self.feed(output.text or "") + self.flush()
+
+    def finish_reason(self, output: RequestOutput) -> str:
+        if output.finish_reason != "abort" and self.stopped:
+            return "stop"
+        if output.finish_reason != "abort" and self.ignore_eos:
+            return "length"
+        return finish_reason(output, self.stop_ids)
+
+    def usage(self, output: RequestOutput) -> Usage:
+        """ignore_eos counts the whole canvas; a stop string counts the tokens of the text sent (re-tokenized)."""
+        prompt = len(output.prompt_token_ids)
+        if self.ignore_eos:
+            completion = len(output.token_ids)
+        elif self.stopped and self.tokenizer is not None:
+            completion = len(self.tokenizer.encode(self.emitted, add_special_tokens=False))
+        else:
+            return usage(output, self.stop_ids)
+        return Usage(prompt, completion, prompt + completion)

@@ -95,7 +95,7 @@ class OpenAIServer:
 
     def _chat_prompt(self, request: p.ChatCompletionRequest) -> dict[str, list[int]]:
         """The chat rendered by the model's template and tokenized (a worker thread calls this)."""
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        messages = [{"role": m.template_role, "content": m.text} for m in request.messages]
         return chat_prompt(self.engine.engine.tokenizer, messages)
 
     async def _queue(self, request: p.DiffusionFields, prompt) -> str:
@@ -147,10 +147,12 @@ class OpenAIServer:
         if request.stream:
             return self._sse(self._completion_events(request, request_id, response_id, created, warning))
         output = await self._final(request_id)
+        answer = self._answer(request)
+        text = self._echo(request) + answer.whole(output)
         response = p.CompletionResponse(
             id=response_id, created=created, model=self.model_name,
-            choices=[p.CompletionChoice(0, output.text or "", p.finish_reason(output, self.stop_ids))],
-            usage=p.usage(output, self.stop_ids), dengine=output.metrics, trace=output.trace, warning=warning,
+            choices=[p.CompletionChoice(0, text, answer.finish_reason(output))],
+            usage=answer.usage(output), dengine=output.metrics, trace=output.trace, warning=warning,
         )
         return Response(msgspec.json.encode(response), media_type=JSON)
 
@@ -163,18 +165,19 @@ class OpenAIServer:
             raise p.RequestError("messages must not be empty", param="messages")
         # each message adds at least one token of the chat template's (its role marker): counted as a token's
         # worth of characters, so 140,000 empty messages are refused before the template renders them
-        self._check_prompt_chars(sum(len(m.content) + self.token_chars for m in request.messages), "messages")
+        self._check_prompt_chars(sum(len(m.text) + self.token_chars for m in request.messages), "messages")
         request_id = await self._queue(request, None)
-        asked = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        asked = next((m.text for m in reversed(request.messages) if m.role == "user"), "")
         warning = self.off_task_warning(asked)
         if request.stream:
             return self._sse(self._chat_events(request, request_id, response_id, created, warning))
         output = await self._final(request_id)
+        answer = self._answer(request)
         response = p.ChatCompletionResponse(
             id=response_id, created=created, model=self.model_name,
-            choices=[p.ChatChoice(0, p.ChatMessageOut("assistant", output.text or ""),
-                                  p.finish_reason(output, self.stop_ids))],
-            usage=p.usage(output, self.stop_ids), dengine=output.metrics, trace=output.trace, warning=warning,
+            choices=[p.ChatChoice(0, p.ChatMessageOut("assistant", answer.whole(output)),
+                                  answer.finish_reason(output))],
+            usage=answer.usage(output), dengine=output.metrics, trace=output.trace, warning=warning,
         )
         return Response(msgspec.json.encode(response), media_type=JSON)
 
@@ -201,27 +204,45 @@ class OpenAIServer:
                 return chunk.output
         raise RuntimeError("stream ended without a final output")
 
+    def _answer(self, request: p.DiffusionFields) -> p.Answer:
+        return p.Answer(request, self.stop_ids, self.engine.engine.tokenizer)
+
+    def _echo(self, request: p.CompletionRequest) -> str:
+        """The prompt's text when the request asks for echo (token-id prompts decoded), else nothing."""
+        if not request.echo:
+            return ""
+        if isinstance(request.prompt, str):
+            return request.prompt
+        tokenizer = self.engine.engine.tokenizer
+        return "" if tokenizer is None else tokenizer.decode(request.prompt)
+
     def _record(self, chunk: StreamChunk) -> None:
         self.metrics.finished(len(chunk.output.token_ids), chunk.output.metrics.nfe)
         self.metrics.observe(self.engine.stats())
 
     async def _completion_events(self, request, request_id, response_id, created,
                                  warning: str | None) -> AsyncIterator[bytes]:
+        answer = self._answer(request)
+        echo = self._echo(request)
+        if echo:
+            yield _event(p.CompletionResponse(id=response_id, created=created, model=self.model_name,
+                                              choices=[p.CompletionChoice(0, echo, None)]))
         async for chunk in self.engine.stream(request_id):
-            reason = None
+            reason, text = None, answer.feed(chunk.text)
             if chunk.output is not None:
                 self._record(chunk)
-                reason = p.finish_reason(chunk.output, self.stop_ids)
-            if chunk.text or reason:
+                text += answer.flush()
+                reason = answer.finish_reason(chunk.output)
+            if text or reason:
                 yield _event(p.CompletionResponse(
                     id=response_id, created=created, model=self.model_name,
-                    choices=[p.CompletionChoice(0, chunk.text, reason)],
+                    choices=[p.CompletionChoice(0, text, reason)],
                     dengine=chunk.output.metrics if chunk.output else None,
                     warning=warning if chunk.output else None,
                 ))
             if chunk.output is not None and request.stream_options and request.stream_options.include_usage:
                 yield _event(p.CompletionResponse(id=response_id, created=created, model=self.model_name,
-                                                  choices=[], usage=p.usage(chunk.output, self.stop_ids)))
+                                                  choices=[], usage=answer.usage(chunk.output)))
         yield b"data: [DONE]\n\n"
 
     async def _chat_events(self, request, request_id, response_id, created,
@@ -230,17 +251,19 @@ class OpenAIServer:
             return _event(p.ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
                                                 choices=[p.ChatDeltaChoice(0, delta, reason)], **extra))
 
+        answer = self._answer(request)
         yield event(p.ChatMessageOut(role="assistant", content=""))
         async for chunk in self.engine.stream(request_id):
-            if chunk.text:
-                yield event(p.ChatMessageOut(content=chunk.text))
+            text = answer.feed(chunk.text) + (answer.flush() if chunk.output is not None else "")
+            if text:
+                yield event(p.ChatMessageOut(content=text))
             if chunk.output is not None:
                 self._record(chunk)
-                yield event(p.ChatMessageOut(), p.finish_reason(chunk.output, self.stop_ids),
+                yield event(p.ChatMessageOut(), answer.finish_reason(chunk.output),
                             dengine=chunk.output.metrics, warning=warning)
                 if request.stream_options and request.stream_options.include_usage:
                     yield _event(p.ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
-                                                       choices=[], usage=p.usage(chunk.output, self.stop_ids)))
+                                                       choices=[], usage=answer.usage(chunk.output)))
         yield b"data: [DONE]\n\n"
 
     def _sse(self, events: AsyncIterator[bytes]) -> StreamingResponse:
