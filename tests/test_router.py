@@ -175,3 +175,37 @@ def test_every_way_ray_reports_a_dead_replica_is_retried(death):
     relay = Relay(call, RETRYABLE, retry_timeout_s=5)
     status, got = asyncio.run(_collect(relay, {"prompt": "x"}))
     assert status == 200 and got == [answer] and len(attempts) == 2
+
+
+def test_requests_still_in_flight_when_the_grace_period_ends_get_an_error_and_are_cancelled():
+    """A stream gets an error event (shutting_down) then [DONE]; a whole answer a 503; the engine work stops."""
+    cancelled = []
+
+    def call(endpoint, body, response_id, created):
+        async def parts():
+            try:
+                yield Head(200, "text/event-stream", {})
+                yield _event("ab")
+                await asyncio.sleep(3600)  # a long decode
+            finally:
+                cancelled.append(endpoint)
+
+        return parts()
+
+    async def run():
+        relay = Relay(call, (Died,), retry_timeout_s=5)
+        stream = await relay.forward("completions", json.dumps({"prompt": "x", "stream": True}).encode())
+        whole = asyncio.ensure_future(relay.forward("chat_completions", json.dumps({"messages": []}).encode()))
+        events = stream.body_iterator
+        first = await anext(events)
+        await asyncio.sleep(0.05)
+        assert relay.in_flight == 2
+        relay.cut_off()
+        rest = [event async for event in events]
+        return first, rest, await whole, relay
+
+    first, rest, whole, relay = asyncio.run(run())
+    assert first == _event("ab") and rest[-1] == DONE and len(rest) == 2
+    assert json.loads(rest[0][len(b"data: "):])["error"]["code"] == "shutting_down"
+    assert whole.status_code == 503 and json.loads(whole.body)["error"]["code"] == "shutting_down"
+    assert relay.in_flight == 0 and sorted(cancelled) == ["chat_completions", "completions"]

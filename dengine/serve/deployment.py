@@ -35,6 +35,8 @@ from dengine.sampling_params import SamplingParams
 from dengine.serve.router import Head, Relay, router_app
 from dengine.serve.server import DEFAULT_MAX_BODY_BYTES, OpenAIServer
 
+CUT_OFF_WAIT_S = 5.0  # how long a drain waits for the requests it cut off to send their errors
+
 # what a dead, restarting or overloaded replica raises through a handle: worth another replica's try. Ray's memory
 # monitor killing a replica raises OutOfMemoryError, a crashed worker process WorkerCrashedError, a lost node
 # NodeDiedError, and a result owned by a dead worker ObjectLostError (OwnerDiedError...): none of them derives from
@@ -102,12 +104,19 @@ class Router:
         return Response(body, status_code=status, media_type=media_type, headers=headers)
 
     async def drain(self, grace_s: float) -> int:
-        """Refuse new requests (503), wait up to grace_s for those in flight; returns how many are left."""
+        """Refuse new requests (503), wait up to grace_s for those in flight, then cut off the rest (an error event
+        or a 503 each, their engine work cancelled); returns how many were cut off."""
         self.relay.draining = True
         deadline = time.monotonic() + grace_s
         while self.relay.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return self.relay.in_flight
+        left = self.relay.in_flight
+        if left:  # grace period over: each one still in flight gets its error event or 503, and is cancelled
+            self.relay.cut_off()
+            deadline = time.monotonic() + CUT_OFF_WAIT_S
+            while self.relay.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        return left
 
     def stats(self) -> dict[str, int]:
         """Requests in flight, retried and resumed streams: what the relay did so far."""

@@ -91,6 +91,31 @@ class Relay:
         self.draining = False
         self.retries = 0
         self.resumed_streams = 0
+        self.cut = asyncio.Event()  # set when the grace period of a shutdown is over
+
+    def cut_off(self) -> None:
+        """End every request still in flight: a stream gets an error event then [DONE], a whole answer a 503
+        (both `shutting_down`, retryable by the client), and its engine work is cancelled."""
+        self.cut.set()
+
+    async def _next_or_end(self, parts) -> Any:
+        try:
+            return await self._next(parts)
+        except StopAsyncIteration:
+            return END
+
+    async def _next(self, parts) -> Any:
+        """The engine answer's next part, or CUT once cut_off was called (StopAsyncIteration at its end)."""
+        if self.cut.is_set():
+            return CUT
+        part = asyncio.ensure_future(anext(parts))
+        cut = asyncio.ensure_future(self.cut.wait())
+        done, _ = await asyncio.wait({part, cut}, return_when=asyncio.FIRST_COMPLETED)
+        if part in done:
+            cut.cancel()
+            return part.result()
+        part.cancel()
+        return CUT
 
     async def forward(self, endpoint: str, body: bytes) -> Response:
         """The response to one POST, whatever happens to the replica serving it."""
@@ -140,8 +165,13 @@ class Relay:
         """A non-streamed answer, replayed from the start on another replica if its replica dies midway."""
         while True:
             try:
-                body = b"".join([part async for part in parts])
-                return Response(body, status_code=head.status, media_type=head.media_type, headers=head.headers)
+                chunks = []
+                while (part := await self._next_or_end(parts)) is not END:
+                    if part is CUT:
+                        return p.error_response(shut_down())
+                    chunks.append(part)
+                return Response(b"".join(chunks), status_code=head.status, media_type=head.media_type,
+                                headers=head.headers)
             except self.retryable as exc:
                 await _close(parts)
                 logger.info("replica failed midway (%r); retrying", exc)
@@ -156,7 +186,11 @@ class Relay:
         try:
             while True:
                 try:
-                    async for event in parts:
+                    while (event := await self._next_or_end(parts)) is not END:
+                        if event is CUT:
+                            yield p.error_event(shut_down())
+                            yield DONE
+                            return
                         sent.append(event)
                         yield event
                     return
@@ -216,6 +250,14 @@ async def _close(parts) -> None:
         cancel()
     else:
         await parts.aclose()
+
+
+CUT, END = object(), object()  # what Relay._next_or_end returns at a shutdown's end, and at an answer's end
+
+
+def shut_down() -> p.RequestError:
+    return p.RequestError("the server stopped before this request finished (its grace period ended); send it "
+                          "again", status=503, kind="server_error", code="shutting_down")
 
 
 def _unavailable() -> Response:
