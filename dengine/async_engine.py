@@ -12,7 +12,8 @@ to the loop, which adds and aborts them between steps and runs each step on the 
 (always the same one) so the event loop stays responsive. The thread that built the engine gives back its
 OpenMP workers (`release_openmp_threads`), so only the step thread's team is left spinning between parallel
 regions. `on_stats`, when set, sees a fresh EngineStats after aborts, at least every
-STATS_INTERVAL_S while stepping, and whenever the engine goes idle, so gauges built on it never go stale.
+STATS_INTERVAL_S while stepping, whenever the engine goes idle and every IDLE_STATS_S while it stays idle (Ray's
+metrics export drops a gauge not set within twice its report interval), so gauges built on it never go stale.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dengine.scheduler.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.5
+IDLE_STATS_S = 5.0  # while idle; Ray's metrics report interval is 10 s
 
 
 class StreamChunk(msgspec.Struct, kw_only=True):
@@ -226,7 +228,10 @@ class AsyncLLMEngine:
             if not engine.has_unfinished_requests():
                 self._publish_stats(force=True)
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                try:  # idle: stats are republished every IDLE_STATS_S, or an exporter drops the gauges
+                    await asyncio.wait_for(self._wakeup.wait(), IDLE_STATS_S)
+                except asyncio.TimeoutError:
+                    pass
                 continue
             try:
                 finished = await asyncio.get_running_loop().run_in_executor(self._step_thread, engine.step)

@@ -453,3 +453,24 @@ def test_openai_fields_real_clients_send_are_honoured(client):
     fixed = client.post("/v1/completions", json={**body, "stop_at_eos": None, "ignore_eos": True}).json()
     assert fixed["usage"]["completion_tokens"] == 32 and fixed["choices"][0]["finish_reason"] == "length"
     assert fixed["dengine"]["nfe"] == 32, "the whole canvas is decoded"
+
+
+def test_stats_are_republished_while_the_engine_is_idle(chat_folders, monkeypatch):
+    """Ray's metrics export drops a gauge not set within twice its report interval: an idle replica's gauges
+    must be set again on a timer, not only when something happens."""
+    import dengine.async_engine as async_engine
+
+    monkeypatch.setattr(async_engine, "IDLE_STATS_S", 0.05)
+    engine = AsyncLLMEngine(_engine(chat_folders["llada"]))
+    published = []
+    engine.on_stats = lambda stats: published.append(time.monotonic())
+
+    async def run():
+        chunks = [c async for c in engine.generate("Add: a1 b2", SamplingParams(gen_length=8))]
+        assert chunks[-1].finished
+        idle_since = time.monotonic()
+        await asyncio.sleep(0.6)
+        return idle_since
+
+    idle_since = asyncio.run(run())
+    assert sum(t > idle_since for t in published) >= 5, published
