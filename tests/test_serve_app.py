@@ -474,3 +474,43 @@ def test_stats_are_republished_while_the_engine_is_idle(chat_folders, monkeypatc
 
     idle_since = asyncio.run(run())
     assert sum(t > idle_since for t in published) >= 5, published
+
+
+@pytest.mark.parametrize("client_does", ["stalls", "disconnects"])
+def test_a_client_that_stops_sending_its_body_frees_its_slot(client_does, caplog):
+    """A slow client (headers and part of a body, then nothing) gets a 408 after the body timeout instead of
+    holding a request slot forever; one that disconnects mid-body is dropped quietly."""
+    from dengine.serve.server import openai_app
+
+    posted = []
+
+    async def post(endpoint, body):
+        posted.append(body)
+        return Response(b"{}", media_type="application/json")
+
+    async def get(what):
+        return Response(b"{}")
+
+    app = openai_app(post, get, 1 << 20, body_timeout_s=0.2)
+    sent = []
+    messages = [{"type": "http.request", "body": b'{"prompt": "x', "more_body": True}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        if client_does == "disconnects":
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-length", b"200")],
+             "query_string": b"", "http_version": "1.1", "scheme": "http", "server": ("test", 80),
+             "client": ("test", 1), "root_path": "", "asgi": {"version": "3.0"}}
+    start = time.monotonic()
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 5))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    assert not posted and time.monotonic() - start < 3
+    assert status == (408 if client_does == "stalls" else 499)
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import Response, StreamingResponse
 
@@ -39,6 +40,7 @@ from dengine.tasks import task_of_folder
 logger = logging.getLogger(__name__)
 JSON = "application/json"
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+BODY_TIMEOUT_S = 15.0  # a whole body (at most DEFAULT_MAX_BODY_BYTES) must arrive within this
 
 
 class OpenAIServer:
@@ -312,15 +314,26 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def openai_app(post: Callable[[str, bytes], Awaitable[Response]], get: Callable[[str], Awaitable[Response]],
-               max_body_bytes: int, refused: Callable[[str, int], None] | None = None) -> FastAPI:
-    """The routes of every dengine HTTP face: POSTs (body read within max_body_bytes) to `post(endpoint,
-    body)`, GETs to `get("models" | "health" | "metrics")`; every refusal in OpenAI's error shape."""
+               max_body_bytes: int, refused: Callable[[str, int], None] | None = None,
+               body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
+    """The routes of every dengine HTTP face: POSTs (body read within max_body_bytes and body_timeout_s) to
+    `post(endpoint, body)`, GETs to `get("models" | "health" | "metrics")`; every refusal in OpenAI's error
+    shape. A client that stops sending its body holds a request slot only body_timeout_s (then 408); one that
+    disconnects is dropped without a traceback."""
     app = FastAPI(title="dengine", docs_url=None, redoc_url=None)
     install_error_handlers(app)
 
     async def read_and_post(endpoint: str, request: Request) -> Response:
         try:
-            body = await read_body(request, max_body_bytes)
+            body = await asyncio.wait_for(read_body(request, max_body_bytes), body_timeout_s)
+        except asyncio.TimeoutError:
+            error = p.RequestError(f"the request body did not arrive within {body_timeout_s:g} s", status=408,
+                                   code="request_timeout")
+            if refused is not None:
+                refused(endpoint, error.status)
+            return p.error_response(error)
+        except ClientDisconnect:  # the client went away mid-body: nobody to answer
+            return Response(status_code=499)
         except p.RequestError as error:
             if refused is not None:
                 refused(endpoint, error.status)
