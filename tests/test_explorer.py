@@ -103,7 +103,7 @@ def test_explore_command_embeds_every_trace_and_names_bad_files(sudoku, tmp_path
     (tmp_path / "one.json").write_bytes(msgspec.json.encode(outputs[0]))  # a whole RequestOutput
     (tmp_path / "list.json").write_bytes(msgspec.json.encode([outputs[1].trace, outputs[0].trace]))
     cli_main(["explore", str(tmp_path / "one.json"), str(tmp_path / "list.json"), "-o", str(tmp_path / "p.html")])
-    assert "3 trace(s)" in capsys.readouterr().out
+    assert "3 traces ->" in capsys.readouterr().out
     page = (tmp_path / "p.html").read_text()
     embedded = re.search(r'<script id="dengine-traces" type="application/json">(.*?)</script>', page, re.S).group(1)
     assert msgspec.json.decode(embedded, type=list[Trace]) == [outputs[0].trace, outputs[1].trace, outputs[0].trace]
@@ -169,9 +169,19 @@ def test_scrubber_shows_the_canvas_of_each_step(browser, sudoku, tmp_path, seed)
     trace = llm.chat(_chat(problem.question), params, use_tqdm=False)[0].trace
     element = _open(browser, tmp_path, [trace])
 
+    # an offline page with a trace: no Run form, one line saying so, and no first-screen hint
+    assert not element("run-panel").is_displayed() and not element("empty-hint").is_displayed()
+    assert "recorded traces only" in element("offline-note").text
+    assert element("status").text == "1 trace loaded"
+
+    # the trace opens at its last step (the finished answer), and the scrubber goes back from there
     last = len(trace.steps) - 1
-    assert element("canvas").text == _replayed_text(trace, 0)
+    assert element("step-label").text == f"step {last} of {last}"
+    assert element("canvas").text == _replayed_text(trace, last) and MASK not in element("canvas").text
     scrubber = element("scrubber")
+    scrubber.send_keys(Keys.HOME)
+    assert element("step-label").text == f"step 0 of {last}"
+    assert element("canvas").text == _replayed_text(trace, 0) != _replayed_text(trace, last)
     scrubber.send_keys(Keys.END)
     assert element("canvas").text == _replayed_text(trace, last) and MASK not in element("canvas").text
     target = random.Random(seed).randrange(1, last)
@@ -215,8 +225,11 @@ def test_compare_mode_highlights_the_first_difference(browser, sudoku, tmp_path,
     element = _open(browser, tmp_path, [a])  # B comes through the page's file input, as a whole output
     (tmp_path / "b.json").write_bytes(msgspec.json.encode({"trace": b}))
     element("file").send_keys(str(tmp_path / "b.json"))
-    WebDriverWait(browser, 10).until(lambda _: element("status").text == "2 trace(s) loaded")
+    WebDriverWait(browser, 10).until(lambda _: element("status").text == "2 traces loaded")
     browser.find_element(By.CSS_SELECTOR, "header button[data-view=compare]").click()
+    last = max(len(a.steps), len(b.steps)) - 1  # the pair opens at its last step: both answers
+    assert element("compare-scrubber").get_attribute("value") == str(last)
+    assert element("compare-label").text == f"step {last}"
 
     note = element("first-divergence")
     assert note.get_attribute("data-step") == str(divergence) and "found" in note.get_attribute("class")
@@ -250,6 +263,10 @@ def test_tree_mode_merges_samples_filters_and_exports_marks(browser, sudoku, tmp
                                                for g in range(len(_answer(trace))))
     element = _open(browser, tmp_path, traces)
     browser.find_element(By.CSS_SELECTOR, "header button[data-view=tree]").click()
+    (group,) = [o.text for o in element("tree-prompt").find_elements(By.TAG_NAME, "option")]
+    # labelled by the question, without the chat template's role markers
+    assert group.startswith(f"Complete the sudoku {puzzle} \u00b7 ") and group.endswith(" (10 samples)")
+    assert "user" not in group and "assistant" not in group
 
     def paths():
         """Each leaf's phrases joined from the root: the answers the tree shows."""
@@ -309,8 +326,7 @@ def test_tree_mode_merges_samples_filters_and_exports_marks(browser, sudoku, tmp
     assert element("tree-summary").text == f"10 responses · {round(100 * marked / 10)}% evaluated"
 
 
-@pytest.fixture(scope="module")
-def live_server(chat_folders):
+def _serving(app):
     """The app on a real port (uvicorn in a thread), so the page's Run buttons reach it over HTTP."""
     import socket
     import threading
@@ -318,8 +334,6 @@ def live_server(chat_folders):
 
     import uvicorn
 
-    engine = LLMEngine(chat_folders["llada"], dtype="float32", kv_cache_memory=1 << 22, block_size=8)
-    app = create_app(OpenAIServer(AsyncLLMEngine(engine), "tiny", SamplingParams(gen_length=16, block_length=8)))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -333,6 +347,42 @@ def live_server(chat_folders):
     thread.join(10)
 
 
+@pytest.fixture(scope="module")
+def live_server(chat_folders):
+    """A tiny LLaDA served with gen_length 16 and block_length 8 by default."""
+    engine = LLMEngine(chat_folders["llada"], dtype="float32", kv_cache_memory=1 << 22, block_size=8)
+    yield from _serving(create_app(OpenAIServer(AsyncLLMEngine(engine), "tiny",
+                                                SamplingParams(gen_length=16, block_length=8))))
+
+
+@pytest.fixture(scope="module")
+def sudoku_server():
+    """The default model as `dengine serve` serves it (its task's lengths as the defaults), in float32."""
+    from dengine.assets import resolve_model
+    from dengine.tasks import generation_lengths, task_of_folder
+
+    folder = resolve_model("llada-sudoku")
+    gen_length, block_length = generation_lengths(task_of_folder(folder))
+    engine = LLMEngine(folder, dtype="float32", cache_policy="entropy")
+    yield from _serving(create_app(OpenAIServer(AsyncLLMEngine(engine), "llada-sudoku",
+                                                SamplingParams(gen_length=gen_length, block_length=block_length))))
+
+
+def _finished(browser, count: int, timeout: float = 30) -> None:
+    """Wait until the run just started ends; fail on its error, else expect count traces on the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    status, error = browser.find_element(By.ID, "status"), browser.find_element(By.ID, "run-error")
+    running = browser.find_element(By.ID, "run-status")
+    WebDriverWait(browser, timeout).until(lambda _: running.get_attribute("textContent") == "")
+    assert not error.is_displayed(), error.text
+    assert status.text == f"{count} trace{'' if count == 1 else 's'} loaded"
+
+
+ERROR_RED = "rgba(183, 28, 28, 1)"
+
+
 def test_the_served_page_runs_prompts_on_its_server(browser, live_server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -340,27 +390,197 @@ def test_the_served_page_runs_prompts_on_its_server(browser, live_server):
     browser.get(f"{live_server}/explore")
     assert browser.get_log("browser") == []
     element = lambda element_id: browser.find_element(By.ID, element_id)  # noqa: E731
-    status = element("status")
-    assert "offline" not in status.text and element("run-compare").is_enabled()
+    status, run_error = element("status"), element("run-error")
+    # the first screen: the Run form, and a hint of what to do instead of empty views
+    assert element("run-panel").is_displayed() and element("run-compare").is_enabled()
+    assert not element("offline-note").is_displayed() and status.text == ""
+    hint = element("empty-hint")
+    assert hint.is_displayed() and "Type a prompt above and press Run" in hint.text
+    assert not element("view-step").is_displayed()
+
     prompt = element("run-prompt")
     prompt.clear()
     prompt.send_keys("Add: a1 b2")
     element("run-config-b").send_keys('{"tau": 1e9, "k": 0}')
     element("run-compare").click()
-    WebDriverWait(browser, 30).until(lambda _: "loaded" in status.text or "failed" in status.text)
-    assert status.text == "2 trace(s) loaded"
-    assert "active" in element("view-compare").get_attribute("class")
+    _finished(browser, 2)
+    assert not hint.is_displayed() and "active" in element("view-compare").get_attribute("class")
     labels = [o.text for o in element("compare-a").find_elements(By.TAG_NAME, "option")]
     assert "tiny" not in labels[0] and " none " in labels[0] and ' entropy {"tau":1000000000,"k":0} ' in labels[1]
+    assert labels[0].startswith("Add: a1 b2 \u00b7 ") and len(set(labels)) == 2
     assert element("first-divergence").text
+    scrubber = element("compare-scrubber")
+    assert scrubber.get_attribute("value") == scrubber.get_attribute("max") != "0"
 
     element("run-samples").clear()
     element("run-samples").send_keys("4")
     element("run-tree").click()
-    WebDriverWait(browser, 30).until(lambda _: status.text.startswith("6 ") or "failed" in status.text)
-    assert status.text == "6 trace(s) loaded" and "active" in element("view-tree").get_attribute("class")
+    _finished(browser, 6)
+    assert "active" in element("view-tree").get_attribute("class")
     assert element("tree-summary").text == "4 responses · 0% evaluated"
 
+    # an error shows right under the Run form, red, as an alert, and names what is wrong
     element("run-config-a").send_keys("{not json")
     element("run-one").click()
-    WebDriverWait(browser, 10).until(lambda _: "failed" in status.text)
+    WebDriverWait(browser, 10).until(lambda _: run_error.is_displayed())
+    assert run_error.get_attribute("role") == "alert" and run_error.value_of_css_property("color") == ERROR_RED
+    assert run_error.text.startswith("Run failed: cache_config A is not JSON")
+    assert browser.execute_script("return arguments[0].contains(arguments[1])", element("run-panel"), run_error)
+    button, box = element("run-one").rect, run_error.rect
+    assert 0 <= box["y"] - (button["y"] + button["height"]) < 40, (button, box)
+    assert status.text == "6 traces loaded"
+    element("run-config-a").clear()
+    element("run-block-length").send_keys("5")  # does not divide the server's gen_length 16: the server refuses
+    element("run-one").click()
+    WebDriverWait(browser, 30).until(lambda _: "the server refused it" in run_error.text)
+    assert "block_length" in run_error.text and run_error.is_displayed()
+    refused = browser.get_log("browser")  # the browser logs the 400; nothing else went wrong
+    assert len(refused) == 1 and "status of 400" in refused[0]["message"], refused
+
+    # the next successful run clears it, and opens its trace at the last step
+    element("run-block-length").clear()
+    element("run-one").click()
+    _finished(browser, 7)
+    assert not run_error.is_displayed() and run_error.text == ""
+    last = int(element("scrubber").get_attribute("max"))
+    assert element("step-label").text == f"step {last} of {last}" and MASK not in element("canvas").text
+
+
+def test_every_parameter_box_shows_the_default_the_page_uses(browser, live_server):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{live_server}/explore")
+    element = lambda element_id: browser.find_element(By.ID, element_id)  # noqa: E731
+    boxes = browser.find_elements(By.CSS_SELECTOR, "#run-panel input:not([type=checkbox]), #view-tree input")
+
+    def defaults() -> dict[str, str]:
+        """Each box's default as its label names it; every box names one and shows one as its placeholder."""
+        named = {}
+        for box in boxes:
+            label = box.find_element(By.XPATH, "./ancestor::label").get_attribute("textContent")
+            found = re.search(r"\(default ([^)]+)\)", label)
+            assert found and box.get_attribute("placeholder"), label
+            named[box.get_attribute("id")] = found.group(1)
+        return named
+
+    before = defaults()
+    assert len(before) == 12
+    assert before["run-gen-length"] == before["run-block-length"] == "from the server"
+    assert before["run-threshold"] == "off" and before["run-config-a"].startswith("{}")
+    for box in ("run-temperature", "run-seed", "run-samples", "run-tree-temperature", "min-prob", "max-branches"):
+        assert element(box).get_attribute("value") == before[box] == element(box).get_attribute("placeholder")
+    assert float(before["run-tree-temperature"]) > 0 and int(before["run-samples"]) > 1
+
+    # blank boxes send what their labels name; a run reads the server's own defaults back
+    element("run-temperature").clear()
+    element("run-seed").clear()
+    element("run-one").click()
+    _finished(browser, 1)
+    (label,) = [o.text for o in element("step-trace").find_elements(By.TAG_NAME, "option")]
+    assert f" · T {before['run-temperature']} · seed {before['run-seed']} · " in label
+    after = defaults()
+    assert after["run-gen-length"] == "16" and after["run-block-length"] == "8"  # live_server's
+    assert after["run-steps"].startswith("16") and after["run-threshold"] == "off"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#canvas .tok")) == 16
+
+    element("run-samples").clear()
+    element("run-tree-temperature").clear()
+    element("run-tree").click()
+    _finished(browser, 1 + int(before["run-samples"]))
+    assert element("tree-summary").text == f"{before['run-samples']} responses · 0% evaluated"
+    group = element("tree-prompt").find_element(By.CSS_SELECTOR, "option:checked").text
+    assert f" · T {before['run-tree-temperature']} (" in group
+
+
+def test_the_default_tree_branches_on_the_default_model(browser, sudoku_server):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{sudoku_server}/explore")
+    element = lambda element_id: browser.find_element(By.ID, element_id)  # noqa: E731
+    element("run-tree").click()  # the prompt and settings as the page pre-fills them
+    samples = int(element("run-samples").get_attribute("value"))
+    _finished(browser, samples, timeout=180)
+    assert element("tree-summary").text == f"{samples} responses · 0% evaluated"
+    element("tree-export-btn").click()
+    outputs = msgspec.json.decode(element("tree-export").get_attribute("value"))["outputs"]
+    assert sorted(o["seed"] for o in outputs) == list(range(samples))
+    assert len({o["answer"] for o in outputs}) >= 3, "the samples should diverge into several answers"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#tree .tnode:not(:has(.tchildren))")) >= 2
+
+
+def test_the_offline_page_explains_itself_and_shows_load_errors_by_the_file_input(browser, sudoku, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    element = _open(browser, tmp_path, [])  # a page written from a file holding no trace
+    hint = element("empty-hint")
+    assert hint.is_displayed() and "dengine explore TRACE.json -o page.html" in hint.text
+    assert '"trace": true' in hint.text and not element("view-step").is_displayed()
+    assert not element("run-panel").is_displayed() and element("offline-note").is_displayed()
+    assert "recorded traces only" in element("offline-note").text and element("status").text == ""
+
+    error, file_input = element("load-error"), element("file")
+    for name, text, problem in (("bad.json", '{"choices": []}', "bad.json: no trace here"),
+                                ("broken.json", "{not json", "broken.json: not JSON")):
+        (tmp_path / name).write_text(text)
+        file_input.send_keys(str(tmp_path / name))
+        WebDriverWait(browser, 10).until(lambda _, problem=problem: problem in error.text)
+        assert error.is_displayed() and error.get_attribute("role") == "alert"
+        assert error.value_of_css_property("color") == ERROR_RED
+        box, field = error.rect, file_input.rect
+        assert 0 <= box["y"] - (field["y"] + field["height"]) < 40, (field, box)  # right under the file input
+        assert box["x"] < field["x"] + field["width"] and field["x"] < box["x"] + box["width"]
+        assert hint.is_displayed()
+
+    llm, _ = sudoku
+    trace = llm.generate(["Complete the sudoku 1..."], SamplingParams(gen_length=8, trace=True), use_tqdm=False)[0]
+    (tmp_path / "good.json").write_bytes(msgspec.json.encode(trace))
+    file_input.send_keys(str(tmp_path / "good.json"))
+    WebDriverWait(browser, 10).until(lambda _: element("status").text == "1 trace loaded")
+    assert not error.is_displayed() and not hint.is_displayed()
+    last = len(trace.trace.steps) - 1
+    assert element("step-label").text == f"step {last} of {last}"
+    assert element("canvas").text == _replayed_text(trace.trace, last)
+
+
+def test_labels_name_the_question_tell_traces_apart_and_count_in_the_singular(browser, sudoku, chat_folders,
+                                                                             tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    llm, task = sudoku
+    question = task.held_out(1)[0].question
+    params = SamplingParams(gen_length=24, seed=0, trace=True)
+    same, other, again = (o.trace for o in llm.chat(
+        [_chat(question)] * 3, [params.replace(cache_policy=p) for p in ("none", "entropy", "none")], use_tqdm=False))
+    raw = llm.generate([question], params.replace(gen_length=8), use_tqdm=False)[0].trace
+    one = llm.chat([_chat(question)], params.replace(gen_length=1), use_tqdm=False)[0].trace
+    assert len(one.steps) == 1
+    dream = LLM(chat_folders["dream"], dtype="float32", kv_cache_memory=1 << 22, block_size=8)
+    qwen = dream.chat([_chat("Hi there, reverse 42")], params.replace(gen_length=8), use_tqdm=False)[0].trace
+    assert qwen.prompt_tokens[0] == "<|im_start|>", "a chat template with a system turn"
+    element = _open(browser, tmp_path, [same, other, again, raw, one, qwen])
+    assert element("status").text == "6 traces loaded"
+
+    labels = [o.text for o in element("step-trace").find_elements(By.TAG_NAME, "option")]
+    assert len(set(labels)) == 6, labels
+    for label in labels:
+        assert "user" not in label and "assistant" not in label and "<|" not in label and "system" not in label
+    assert all(label.startswith(f"{question} \u00b7 ") for label in labels[:5])
+    assert labels[5].startswith("Hi there, reverse 42 \u00b7 ")
+    assert " none " in labels[0] and " entropy " in labels[1]
+    assert labels[0].endswith(" #1") and labels[2] == labels[0][: -len("#1")] + "#2"  # the same request twice
+    assert " \u00b7 1 step \u00b7 " in labels[4] and not any("1 steps" in label for label in labels)
+
+    Select(element("step-trace")).select_by_index(4)
+    assert ", 1 full" in element("step-summary").text and " 1 step, " in element("step-summary").text
+    assert element("step-label").text == "step 0 of 0"
+
+    browser.find_element(By.CSS_SELECTOR, "header button[data-view=tree]").click()
+    groups = [o.text for o in element("tree-prompt").find_elements(By.TAG_NAME, "option")]
+    assert len(groups) == 5 and len(set(groups)) == 5, groups
+    assert groups[0].endswith(" (2 samples)") and all(g.endswith(" (1 sample)") for g in groups[1:])
+    assert not any("user" in g or "assistant" in g or "system" in g for g in groups)
+    Select(element("tree-prompt")).select_by_index(1)
+    assert element("tree-summary").text == "1 response · 0% evaluated"
+    root = browser.find_element(By.CSS_SELECTOR, "#tree > .tnode > .tlabel .prob")
+    assert root.text == "1 sample"

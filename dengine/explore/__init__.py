@@ -72,4 +72,4 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, msgspec.DecodeError, ValueError) as exc:
             parser.error(f"{path}: {exc}")
     args.output.write_text(render_page(traces), encoding="utf-8")
-    print(f"dengine explore: {len(traces)} trace(s) -> {args.output}")
+    print(f"dengine explore: {len(traces)} trace{'' if len(traces) == 1 else 's'} -> {args.output}")
