@@ -110,6 +110,7 @@ def _serve(args: argparse.Namespace, defaults: dict, engine_kwargs: dict) -> Non
             time.sleep(3600)
     except KeyboardInterrupt:
         _drain(args.grace_period)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # drained or cut off: a further Ctrl-C must not cut the stop short
     if args.ray_address is None:
         ray.shutdown()  # the local Ray this command started, Serve with it (drained: nothing is in flight)
     else:
@@ -149,7 +150,8 @@ def _drain(grace_s: float) -> None:
     print(f"dengine: stopping; new requests get 503, requests in flight have {grace_s:g} s to finish", flush=True)
     try:
         left = serve.get_app_handle("dengine").drain.remote(grace_s).result(timeout_s=grace_s + 30)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the second Ctrl-C: stop now, and let no further one cut the stop itself short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("dengine: interrupted again; requests still in flight are cut off", flush=True)
         return
     except Exception as exc:  # the application never started, or its router is gone: nothing to drain

@@ -12,6 +12,7 @@ replica (which aborts the request and frees its KV blocks).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -54,6 +55,7 @@ class EngineReplica:
                  model_name: str, num_threads: int | None, max_body_bytes: int) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
+        show_engine_log()
         self.engine = AsyncLLMEngine.from_model(model, **engine_kwargs)
         replica = serve.get_replica_context().replica_id.unique_id
         self.server = OpenAIServer(self.engine, model_name, SamplingParams(**defaults), replica=replica,
@@ -122,6 +124,18 @@ class Router:
         """Requests in flight, retried and resumed streams: what the relay did so far."""
         relay = self.relay
         return {"in_flight": relay.in_flight, "retries": relay.retries, "resumed_streams": relay.resumed_streams}
+
+
+def show_engine_log() -> None:
+    """The engine's INFO lines (the KV pool it chose and why) on the replica's stderr, which Ray forwards to the
+    console of `dengine serve`; without a handler Python drops them."""
+    engine_log = logging.getLogger("dengine")
+    if not engine_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("dengine: %(message)s"))
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
+        engine_log.propagate = False
 
 
 def served_name(model: str | Path | None) -> str:
