@@ -134,7 +134,6 @@ class LLMEngine:
                             layer_outputs=policy_class(cache_policy).stores_layer_outputs)
         logger.info("KV pool: %d blocks of %d tokens, %.3f GB (%s)", plan.num_blocks, block_size, plan.bytes / 1e9,
                     plan.reason)
-        self.kv_plan = plan
         num_blocks = plan.num_blocks
         self.kv_manager = KVCacheManager(
             num_blocks, block_size, PagedKVCache.outputs_per_block_for(self.config, block_size)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dengine.config import ModelConfig
+from dengine.kv.manager import canvas_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -107,23 +108,21 @@ def plan_kv_pool(config: ModelConfig, block_size: int, dtype: torch.dtype, devic
     logged (requests longer than the pool are refused)."""
     per_block = PagedKVCache.bytes_per_block(config, block_size, dtype)
     longest = config.max_position_embeddings
-    canvas_blocks = -(-longest // block_size)
     outputs_per_block = PagedKVCache.outputs_per_block_for(config, block_size)
-    if layer_outputs and outputs_per_block > 0:
-        canvas_blocks += -(-longest // outputs_per_block)
+    per_canvas = canvas_blocks(longest, block_size, outputs_per_block, layer_outputs and outputs_per_block > 0)
     if kv_cache_memory is not None:
         budget = resolve_memory_budget(kv_cache_memory, device)
         num_blocks = PagedKVCache.num_blocks_for_budget(config, block_size, dtype, budget)
         reason = f"kv_cache_memory={kv_cache_memory!r}"
     else:
-        need = max(max_num_seqs, 2) * canvas_blocks  # two: one guided request (LLaDA's cfg) takes two canvases
+        need = max(max_num_seqs, 2) * per_canvas  # two: one guided request (LLaDA's cfg) takes two canvases
         cap, why = memory_cap_bytes(device)
         num_blocks = min(need, cap // per_block)
         reason = (f"max_num_seqs={max_num_seqs} canvases of {longest} tokens need {need * per_block / 1e9:.3f} GB; "
                   f"the cap is {why}, {cap / 1e9:.2f} GB")
         if num_blocks < 1:
             raise ValueError(f"no memory for a KV pool: {reason}; free memory or set kv_cache_memory")
-    if num_blocks < canvas_blocks:
+    if num_blocks < per_canvas:
         logger.warning("the KV pool (%d blocks of %d tokens) holds less than one canvas of the model's %d positions: "
                        "longer requests are refused", num_blocks, block_size, longest)
     return KVPoolPlan(num_blocks, per_block, reason)

@@ -11,6 +11,20 @@ class RequestTooLargeError(ValueError):
     """A sequence needs more blocks than the whole pool holds: it can never be scheduled."""
 
 
+def canvas_blocks(num_tokens: int, block_size: int, outputs_per_block: int, layer_outputs: bool = False) -> int:
+    """Blocks for a canvas of num_tokens: its K/V and, with layer_outputs (dLLM-Cache), its per-layer attention
+    and FFN outputs, outputs_per_block tokens' worth a block."""
+    blocks = -(-num_tokens // block_size)
+    if layer_outputs:
+        if outputs_per_block < 1:
+            raise ValueError(
+                f"a KV block of {block_size} tokens cannot hold one token's per-layer outputs "
+                "(the model's hidden size exceeds block_size K/V elements); raise block_size"
+            )
+        blocks += -(-num_tokens // outputs_per_block)
+    return blocks
+
+
 class KVCacheManager:
     """Reserves a sequence's whole canvas at admission (a diffusion canvas never grows).
 
@@ -42,15 +56,7 @@ class KVCacheManager:
 
     def blocks_needed(self, num_tokens: int, layer_outputs: bool = False) -> int:
         """Blocks for a canvas's K/V and, with layer_outputs, for its per-layer attention and FFN outputs."""
-        blocks = -(-num_tokens // self.block_size)
-        if layer_outputs:
-            if self.outputs_per_block < 1:
-                raise ValueError(
-                    f"a KV block of {self.block_size} tokens cannot hold one token's per-layer outputs "
-                    "(the model's hidden size exceeds block_size K/V elements); raise block_size"
-                )
-            blocks += -(-num_tokens // self.outputs_per_block)
-        return blocks
+        return canvas_blocks(num_tokens, self.block_size, self.outputs_per_block, layer_outputs)
 
     def check_fits(self, num_tokens: int, copies: int = 1, layer_outputs: bool = False) -> None:
         """Raise RequestTooLargeError if copies canvases of num_tokens could not fit even in an empty pool."""

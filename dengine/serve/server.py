@@ -59,6 +59,13 @@ class OpenAIServer:
         self.max_prompt_chars = config.max_position_embeddings * self.token_chars
         self.metrics = ServerMetrics(model_name, replica)
         self.task = task_of_folder(engine.engine.model_path)  # an embedded model's task; None for a real model
+        # what the chat template puts around one user message, rendered once: a raw prompt is on task only inside it
+        tokenizer = engine.engine.tokenizer
+        self.template_frame = ("", "")
+        if self.task is not None and tokenizer is not None and tokenizer.chat_template is not None:
+            prefix, _, suffix = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}],
+                                                              add_generation_prompt=True, tokenize=False).partition("\x00")
+            self.template_frame = (prefix, suffix)
         engine.on_stats = self.metrics.observe  # gauges follow the engine, aborts and idle included
 
     # -- validation -------------------------------------------------------------------------------
@@ -71,8 +78,7 @@ class OpenAIServer:
         if task is None or question is None:
             return None
         if raw:
-            prefix, _, suffix = self.engine.engine.tokenizer.apply_chat_template(
-                [{"role": "user", "content": "\x00"}], add_generation_prompt=True, tokenize=False).partition("\x00")
+            prefix, suffix = self.template_frame
             inside = question.startswith(prefix) and question.endswith(suffix) and len(question) >= len(prefix + suffix)
             if inside and task.recognizes(question[len(prefix) : len(question) - len(suffix)]):
                 return None
