@@ -109,16 +109,18 @@ class Router:
         """Refuse new requests (503), wait up to grace_s for those in flight, then cut off the rest (an error event
         or a 503 each, their engine work cancelled); returns how many were cut off."""
         self.relay.draining = True
-        deadline = time.monotonic() + grace_s
-        while self.relay.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        left = self.relay.in_flight
+        left = await self._settle(grace_s)
         if left:  # grace period over: each one still in flight gets its error event or 503, and is cancelled
             self.relay.cut_off()
-            deadline = time.monotonic() + CUT_OFF_WAIT_S
-            while self.relay.in_flight and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await self._settle(CUT_OFF_WAIT_S)
         return left
+
+    async def _settle(self, seconds: float) -> int:
+        """Wait up to seconds for the requests in flight to end; how many are left."""
+        deadline = time.monotonic() + seconds
+        while self.relay.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.relay.in_flight
 
     def stats(self) -> dict[str, int]:
         """Requests in flight, retried and resumed streams: what the relay did so far."""
