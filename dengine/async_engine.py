@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from dengine.engine import LLMEngine, PromptType, release_openmp_threads
-from dengine.outputs import RequestOutput
+from dengine.outputs import RequestOutput, TokenLogprob
 from dengine.sampling_params import SamplingParams
 from dengine.scheduler.sequence import Sequence
 
@@ -44,6 +44,8 @@ class StreamChunk(msgspec.Struct, kw_only=True):
     request_id: str
     text: str
     token_ids: list[int]
+    prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked for them
     finished: bool = False
     output: RequestOutput | None = None
 
@@ -261,8 +263,10 @@ class AsyncLLMEngine:
         if not final:
             text = text.rstrip("\ufffd")
         new_text = text[len(stream.sent_text):] if text.startswith(stream.sent_text) else text
+        logprobs = stream.seq.logprobs
         chunk = StreamChunk(request_id=stream.seq.request_id, text=new_text,
-                            token_ids=token_ids[stream.sent_tokens:])
+                            token_ids=token_ids[stream.sent_tokens:], prompt_tokens=stream.seq.prompt_len,
+                            logprobs=None if logprobs is None else logprobs[stream.sent_tokens : len(token_ids)])
         stream.sent_tokens, stream.sent_text = len(token_ids), stream.sent_text + new_text
         return chunk
 

@@ -28,6 +28,13 @@ class StepOutcome:
     tokens: torch.Tensor  # [n]
     probs: torch.Tensor  # [n, vocab]
 
+    def ranked(self, top_n: int) -> tuple[list[float], list[list[int]], list[list[float]]]:
+        """Each committed token's probability, and its distribution's top_n tokens with theirs (float64)."""
+        probs = self.probs.double()
+        chosen = probs.gather(-1, self.tokens[:, None]).squeeze(-1).tolist()
+        top = probs.topk(min(top_n, probs.shape[-1]), dim=-1)
+        return chosen, top.indices.tolist(), top.values.tolist()
+
 
 def llada_transfer_schedule(num_masked: int, steps: int) -> list[int]:
     """Commits per step for one block: an even split, the remainder going to the earliest steps."""

@@ -304,6 +304,7 @@ class LLMEngine:
                 decision_seconds=m.decision_seconds,
                 stopped_early=seq.stopped_at is not None,
             ),
+            logprobs=None if seq.logprobs is None or reason == "abort" else seq.logprobs[: len(token_ids)],
             trace=None if seq.trace is None else seq.trace.build(
                 seq, self.token_text, model=self.model_path.name, family=self.config.model_type,
                 stop_token_ids=sorted(self.stop_token_ids), token_ids=token_ids, text=text),

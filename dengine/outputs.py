@@ -25,6 +25,15 @@ class RequestMetrics(msgspec.Struct, frozen=True, kw_only=True):
     stopped_early: bool
 
 
+class TokenLogprob(msgspec.Struct, kw_only=True, array_like=True):
+    """A generated token's log-probability in the distribution it was committed from (natural log), and the
+    most probable tokens of that distribution with theirs (as many as SamplingParams.logprobs asked)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most probable first
+
+
 class RequestOutput(msgspec.Struct, kw_only=True):
     """One request's result; token_ids is the whole generation region (shorter only after an early stop)."""
 
@@ -37,3 +46,4 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     finish_reason: str  # "length" | "eos" (early stop) | "abort"
     metrics: RequestMetrics
     trace: Trace | None = None  # every step, when SamplingParams(trace=True)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when SamplingParams(logprobs=N)

@@ -22,6 +22,7 @@ TOP_K_OFF = (0, -1)  # vLLM's convention: no top-k filter
 MAX_TEMPERATURE = 100.0
 MAX_CFG_SCALE = 100.0
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 LLADA_ONLY = {"cfg_scale": 0.0, "logits_eos_inf": False, "confidence_eos_eot_inf": False}
 
 
@@ -49,6 +50,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cache_policy: str | None = None  # None: the engine's policy
     cache_config: dict[str, Any] | None = None
     trace: bool = False  # record every step in RequestOutput.trace (dengine.trace)
+    logprobs: int | None = None  # RequestOutput.logprobs: each token's log-probability at its commit, and this many alternatives
 
     def __post_init__(self) -> None:
         if self.alg is not None:
@@ -95,6 +97,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         _check_float("cfg_scale", self.cfg_scale, low=0.0, high=MAX_CFG_SCALE)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0, maximum=MAX_LOGPROBS)
         if self.cache_config is not None and not isinstance(self.cache_config, dict):
             raise ValueError(f"cache_config must be a dict of policy options, got {type(self.cache_config).__name__}")
 

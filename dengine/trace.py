@@ -86,16 +86,13 @@ class TraceRecorder:
 
     def record(self, seq: Sequence, queries: list[SequenceQuery], outcome: StepOutcome, full: bool) -> None:
         """Record the step seq just applied; called once seq has advanced its block."""
-        probs = outcome.probs.double()
-        tokens = outcome.tokens.tolist()
-        confidence = probs.gather(-1, outcome.tokens[:, None]).squeeze(-1).tolist()
-        entropy = torch.special.entr(probs).sum(-1).tolist()
-        top = probs.topk(min(NUM_ALTERNATIVES, probs.shape[-1]), dim=-1)
+        confidence, top_ids, top_probs = outcome.ranked(NUM_ALTERNATIVES)
+        entropy = torch.special.entr(outcome.probs.double()).sum(-1).tolist()
         commits = [
             Commit(position=position, token_id=token, text=None, confidence=c, entropy=h,
                    alternatives=[Alternative(token_id=t, text=None, prob=p) for t, p in zip(ids, values)])
             for position, token, c, h, ids, values in zip(
-                outcome.positions.tolist(), tokens, confidence, entropy, top.indices.tolist(), top.values.tolist())
+                outcome.positions.tolist(), outcome.tokens.tolist(), confidence, entropy, top_ids, top_probs)
         ]
         # A step that completed its block has already moved seq on to the next one.
         block = seq.block_index - 1 if seq.block_step == 0 else seq.block_index

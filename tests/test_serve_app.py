@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import threading
@@ -157,11 +158,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 24, "block_length": 16}, None),
     ("/v1/completions", {"prompt": "x", "max_tokens": 8, "gen_length": 16}, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 129}, "n"),  # OpenAI's limit is 128
+    ("/v1/completions", {"prompt": "x", "n": 2, "trace": True}, "trace"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # OpenAI's limit is 4
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True}, "logprobs"),  # the prompt's: undefined
     ("/v1/completions", {"prompt": "x", "min_tokens": 4}, "min_tokens"),
     ("/v1/completions", {"prompt": "x", "ignore_eos": True, "stop_at_eos": True}, "ignore_eos"),
     ("/v1/completions", {"prompt": "x", "cache_policy": "nonsense"}, "cache_policy"),
@@ -189,7 +194,9 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 8,
                               "max_completion_tokens": 16}, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, "top_logprobs"),
 ]
 
 
@@ -514,3 +521,111 @@ def test_a_client_that_stops_sending_its_body_frees_its_slot(client_does, caplog
     assert not posted and time.monotonic() - start < 3
     assert status == (408 if client_does == "stalls" else 499)
     assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_logprobs_are_each_tokens_probability_at_its_commit(chat_folders, family, seed):
+    """RequestOutput.logprobs against the trace's record of every commit, under sampling and parallel decoding."""
+    params = SamplingParams(gen_length=32, block_length=8, temperature=0.9, threshold=0.6, seed=seed % 1000,
+                            logprobs=3, trace=True)
+    out = LLM(chat_folders[family], dtype="float32").generate("Add: a2 b9", params, use_tqdm=False)[0]
+    commits = {c.position - len(out.prompt_token_ids): c for step in out.trace.steps for c in step.commits}
+    assert len(out.logprobs) == len(out.token_ids)
+    for i, (entry, token) in enumerate(zip(out.logprobs, out.token_ids)):
+        commit = commits[i]
+        assert entry.token_id == token == commit.token_id
+        assert entry.logprob == pytest.approx(math.log(commit.confidence), abs=1e-9)
+        assert [t for t, _ in entry.top] == [a.token_id for a in commit.alternatives[:3]]
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+
+
+def test_n_answers_are_n_requests_with_consecutive_seeds_batched(client, seed):
+    """n > 1: choice i is what one request with seed + i returns, streamed or not; usage counts the prompt once;
+    a stream's events come in rounds (every answer's k-th event by index), so a replay repeats them."""
+    base = {"model": "tiny", "temperature": 1.0, "max_tokens": 32, "block_length": 8, "stop_at_eos": False}
+    s = seed % 10_000
+    for path, field, prompt in (("/v1/completions", "prompt", "Add: a3 b4"),
+                                ("/v1/chat/completions", "messages", [{"role": "user", "content": "Add: a3 b4"}])):
+        text = (lambda c: c["text"]) if field == "prompt" else (lambda c: c["message"]["content"])
+        singles = [client.post(path, json={**base, field: prompt, "seed": s + i}).json() for i in range(3)]
+        several = client.post(path, json={**base, field: prompt, "seed": s, "n": 3}).json()
+        assert [c["index"] for c in several["choices"]] == [0, 1, 2]
+        assert [text(c) for c in several["choices"]] == [text(r["choices"][0]) for r in singles]
+        assert len({text(c) for c in several["choices"]}) > 1, "temperature 1: the answers differ"
+        prompt_tokens = singles[0]["usage"]["prompt_tokens"]
+        completion = sum(r["usage"]["completion_tokens"] for r in singles)
+        assert several["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                    "total_tokens": prompt_tokens + completion}
+        assert [m["nfe"] for m in several["dengine"]] == [r["dengine"]["nfe"] for r in singles]
+
+        events = _events(client.post(path, json={**base, field: prompt, "seed": s, "n": 3, "stream": True,
+                                                 "stream_options": {"include_usage": True}}))
+        assert events[-1]["usage"] == several["usage"] and events[-1]["choices"] == []
+        for index in range(3):
+            joined = "".join((e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content") or "")
+                             for e in events[:-1] if e["choices"][0]["index"] == index)
+            assert joined == text(several["choices"][index])
+
+
+def test_a_streams_event_order_with_n_answers_depends_only_on_the_answers(chat_folders, seed):
+    """The router resumes a broken stream by replaying it elsewhere and checking the events sent: with n > 1 the
+    replica interleaves the answers' events in rounds, so a replica that can run only two of the three answers at
+    once (the third waits) sends exactly the events of one that runs all three together."""
+    body = {"prompt": "Add: a7 b2", "n": 3, "seed": seed % 10_000, "temperature": 1.0, "max_tokens": 32,
+            "block_length": 8, "threshold": 0.5, "stop_at_eos": False, "stream": True}
+    streams = []
+    for max_num_seqs in (2, 8):
+        server = OpenAIServer(AsyncLLMEngine(_engine(chat_folders["llada"], max_num_seqs=max_num_seqs)), "tiny",
+                              DEFAULTS)
+        with TestClient(create_app(server)) as c:
+            events = _events(c.post("/v1/completions", json=body))
+        streams.append([{k: v for k, v in e.items() if k not in ("id", "created", "dengine")} for e in events])
+    assert streams[0] == streams[1]
+    assert len({e["choices"][0]["index"] for e in streams[0]}) == 3
+
+
+def test_logprobs_through_both_endpoints_streamed_or_not(client):
+    """logprobs / top_logprobs: one entry per answer token (its text, logprob and alternatives), the same whether
+    streamed or not, ending where a stop string cut the text."""
+    base = {"model": "tiny", "max_tokens": 32, "block_length": 8, "stop_at_eos": False}
+    prompt = "Add: a6 b8"
+    response = client.post("/v1/completions", json={**base, "prompt": prompt, "logprobs": 2}).json()
+    whole = response["choices"][0]
+    lp = whole["logprobs"]
+    assert "".join(lp["tokens"]) == whole["text"] and len(lp["tokens"]) == response["usage"]["completion_tokens"]
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert logprob <= 0 and 1 <= len(top) <= 2
+        assert top[token] == logprob and max(top.values()) == logprob  # greedy: the committed token is the top one
+    streamed = _events(client.post("/v1/completions", json={**base, "prompt": prompt, "logprobs": 2, "stream": True}))
+    parts = [e["choices"][0]["logprobs"] for e in streamed if e["choices"][0]["logprobs"]]
+    assert sum((part["tokens"] for part in parts), []) == lp["tokens"]
+    assert sum((part["text_offset"] for part in parts), []) == lp["text_offset"]
+    assert [e["choices"][0]["logprobs"] for e in streamed if not e["choices"][0]["text"]] in ([], [None])
+
+    for seed in range(100):  # near-random weights: the first seed whose answer has two different characters
+        sampled = {**base, "prompt": prompt, "temperature": 1.0, "seed": seed}
+        text = client.post("/v1/completions", json=sampled).json()["choices"][0]["text"]
+        if len(set(text)) > 1:
+            break
+    first_change = next(i for i, ch in enumerate(text) if ch != text[0])
+    stop, cut = text[first_change], text[:first_change]
+    stopped = client.post("/v1/completions", json={**sampled, "logprobs": 0, "stop": stop}).json()
+    tokens = stopped["choices"][0]["logprobs"]["tokens"]
+    assert "".join(tokens).startswith(cut) and len("".join(tokens[:-1])) < len(cut)
+    assert stopped["choices"][0]["logprobs"]["top_logprobs"] == [{t: v} for t, v in
+                                                                 zip(tokens, stopped["choices"][0]["logprobs"]["token_logprobs"])]
+
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.post("/v1/chat/completions", json={**base, "messages": messages, "logprobs": True,
+                                                     "top_logprobs": 3}).json()["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == chat["message"]["content"]
+    assert all(bytes(c["bytes"]).decode() == c["token"] and len(c["top_logprobs"]) == 3
+               and c["top_logprobs"][0]["logprob"] == c["logprob"] for c in content)
+    chunks = _events(client.post("/v1/chat/completions", json={**base, "messages": messages, "logprobs": True,
+                                                               "top_logprobs": 3, "stream": True}))
+    assert sum((e["choices"][0]["logprobs"]["content"] for e in chunks if e["choices"][0]["logprobs"]), []) == content
+    plain = client.post("/v1/chat/completions", json={**base, "messages": messages, "logprobs": True}).json()
+    assert [c["top_logprobs"] for c in plain["choices"][0]["logprobs"]["content"]] == [[]] * len(content)
+    assert client.post("/v1/chat/completions", json={**base, "messages": messages}).json()["choices"][0]["logprobs"] is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Hashable
 
@@ -12,6 +13,7 @@ from dengine.config import ModelConfig
 from dengine.decoding import Decoder, StepOutcome, certainty_density
 from dengine.scheduler.policies.base import CachePolicy
 from dengine.model_runner import CachedOutputs, SequenceQuery
+from dengine.outputs import TokenLogprob
 from dengine.sampling_params import SamplingParams
 from dengine.trace import TraceRecorder
 
@@ -89,6 +91,8 @@ class Sequence:
         self.last_scored: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_attention: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.trace = TraceRecorder() if params.trace else None
+        # per generated position, the committed token's log-probability (SamplingParams.logprobs)
+        self.logprobs: list[TokenLogprob | None] | None = None if params.logprobs is None else [None] * params.gen_length
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -221,7 +225,16 @@ class Sequence:
             m.finished_time = time.perf_counter()
         if self.trace is not None:
             self.trace.record(self, queries, outcome, full)
+        if self.logprobs is not None:
+            self._record_logprobs(outcome)
         return outcome
+
+    def _record_logprobs(self, outcome: StepOutcome) -> None:
+        chosen, top_ids, top_probs = outcome.ranked(self.params.logprobs)
+        for position, token, p, ids, probs in zip(outcome.positions.tolist(), outcome.tokens.tolist(), chosen,
+                                                  top_ids, top_probs):
+            self.logprobs[position - self.prompt_len] = TokenLogprob(
+                token_id=token, logprob=_log(p), top=[(t, _log(q)) for t, q in zip(ids, probs)])
 
     def _answer_is_fixed(self) -> bool:
         """True once an EOS is committed with every generated position before it committed."""
@@ -246,3 +259,8 @@ class Sequence:
         """The generation region; after an early stop, up to and including the stopping EOS."""
         end = self.num_tokens if self.stopped_at is None else self.stopped_at + 1
         return self.canvas[self.prompt_len : end].tolist()
+
+
+def _log(probability: float) -> float:
+    """Natural log, floored at OpenAI's -9999 for a token the distribution excludes (JSON has no -inf)."""
+    return math.log(probability) if probability > 0 else -9999.0

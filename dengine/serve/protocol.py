@@ -1,7 +1,7 @@
 """The OpenAI-compatible wire format, as msgspec Structs: requests are decoded strictly (wrong types,
 unknown fields and out-of-range values are errors) before anything reaches the engine.
 
-OpenAI's fields are honoured where a diffusion model can (stop strings, echo, text content parts,
+OpenAI's fields are honoured where a diffusion model can (n, logprobs, stop strings, echo, text content parts,
 max_completion_tokens, vLLM's ignore_eos) and otherwise accepted at their defaults and refused with a reason
 at any other value (UNSUPPORTED; docs/serving.md has the table).
 
@@ -25,22 +25,21 @@ from typing import Any, Literal
 import msgspec
 from starlette.responses import Response
 
-from dengine.outputs import RequestMetrics, RequestOutput
-from dengine.sampling_params import SamplingParams
+from dengine.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from dengine.sampling_params import MAX_LOGPROBS, MAX_SEED, SamplingParams
 from dengine.trace import Trace
 
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_CHOICES = 128  # OpenAI's limit on n
 # OpenAI request fields a diffusion model cannot honour: (field, why); refused at any value but the field's default
 PENALTY = "penalties depend on the order tokens are generated in; a diffusion canvas commits them in any order"
 UNSUPPORTED = (
-    ("n", "one answer per request (send n requests with different seeds)"),
     ("presence_penalty", PENALTY),
     ("frequency_penalty", PENALTY),
     ("logit_bias", "not implemented for diffusion sampling"),
-    ("logprobs", "not implemented yet"),
-    ("top_logprobs", "not implemented yet"),
-    ("best_of", "one answer per request"),
+    ("best_of", "it ranks answers by their likelihood as a left-to-right sequence, which a diffusion model's "
+                "commit order does not give (n returns every answer)"),
     ("suffix", "the model has no infilling template"),
     ("min_tokens", "a diffusion model places EOS anywhere in its canvas; a minimum would need EOS masked per "
                    "position"),
@@ -65,6 +64,7 @@ class RequestError(ValueError):
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every event carries the usage so far (guidellm sends it)
 
 
 class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -110,6 +110,13 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """The request's SamplingParams over the server's defaults; RequestError naming the field if invalid."""
         if self.trace and self.stream:
             raise RequestError("trace comes with the whole response: it needs stream false", param="trace")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise RequestError(f"n must be 1 to {MAX_CHOICES}, got {self.n}", param="n")
+        if self.trace and self.n > 1:
+            raise RequestError("trace records one answer: it needs n 1", param="trace")
+        wanted = self.logprobs_wanted()
+        if wanted is not None and not 0 <= wanted <= MAX_LOGPROBS:
+            raise RequestError(f"{self.logprobs_param} must be 0 to {MAX_LOGPROBS}, got {wanted}", param=self.logprobs_param)
         unset = {field.name: field.default for field in msgspec.structs.fields(self)}
         for name, why in UNSUPPORTED:
             if name in unset and getattr(self, name) != unset[name]:
@@ -133,6 +140,7 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         # max_tokens is a cap to an OpenAI client: stop once the answer is fixed unless the request says otherwise
         stop_at_eos = SERVER_STOPS_AT_EOS if self.stop_at_eos is None else self.stop_at_eos
         changes["stop_at_eos"] = stop_at_eos and not self.ignore_eos
+        changes["logprobs"] = wanted
         for name in ("block_length", "steps", "temperature", "top_p", "top_k", "seed", "threshold", "factor",
                      "alg_temp", "sigma", "cfg_scale", "cache_policy", "trace"):
             value = getattr(self, name)
@@ -155,6 +163,16 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         except (ValueError, TypeError) as exc:
             raise self.field_error(str(exc)) from None
 
+    def logprobs_wanted(self) -> int | None:
+        """SamplingParams.logprobs: how many alternatives per token (None: no logprobs)."""
+        return None
+
+    logprobs_param = "logprobs"
+
+    def choice_seeds(self, seed: int | None, prompts: int = 1) -> list[int | None]:
+        """The seed of each answer (n per prompt): the request's seed, then the next ones (None: the engine's)."""
+        return [None if seed is None else (seed + i) % (MAX_SEED + 1) for i in range(self.n * prompts)]
+
     @property
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -172,11 +190,31 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class CompletionRequest(DiffusionFields, kw_only=True, forbid_unknown_fields=True):
-    prompt: str | list[int]
+    # a text, token ids, or a batch of either (OpenAI's four forms; lm-eval sends batches)
+    prompt: str | list[str | int | list[int]]
     echo: bool = False  # the prompt's text before the completion's (the first event of a stream)
-    logprobs: int | None = None
+    logprobs: int | None = None  # alternatives per generated token
     best_of: int | None = None
     suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts (one unless a batch), each a text or token ids; RequestError for a mixed or empty batch."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        kinds = {type(item) for item in self.prompt}
+        if kinds == {int}:
+            return [self.prompt]
+        if len(kinds) != 1 or not self.prompt:
+            raise RequestError("prompt is a text, token ids, or a non-empty list of texts or of token-id lists "
+                               "(not a mix)", param="prompt")
+        return list(self.prompt)
+
+    def logprobs_wanted(self) -> int | None:
+        if self.echo and self.logprobs is not None:
+            raise RequestError("logprobs of the echoed prompt are not defined for a diffusion model: it scores "
+                               "no text token by token left to right (loglikelihood evaluations need an "
+                               "autoregressive model); echo and logprobs each work alone", param="logprobs")
+        return self.logprobs
 
 
 class TextPart(msgspec.Struct, forbid_unknown_fields=True, tag_field="type", tag="text"):
@@ -204,7 +242,7 @@ class ChatCompletionRequest(DiffusionFields, kw_only=True, forbid_unknown_fields
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's current name for max_tokens in chat
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = None  # alternatives per generated token, with logprobs
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -213,6 +251,13 @@ class ChatCompletionRequest(DiffusionFields, kw_only=True, forbid_unknown_fields
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
+
+    logprobs_param = "top_logprobs"
+
+    def logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
         if self.max_completion_tokens is not None:
@@ -232,11 +277,38 @@ class Usage(msgspec.Struct):
     total_tokens: int
 
 
+class CompletionLogprobs(msgspec.Struct):
+    """OpenAI's legacy logprobs object: per generated token, its text, logprob, alternatives and offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]  # where each token's text starts in the choice's text
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
 
 
 class _Response(msgspec.Struct, kw_only=True):
@@ -248,7 +320,7 @@ class _Response(msgspec.Struct, kw_only=True):
     created: int
     model: str
     usage: Usage | None = None
-    dengine: RequestMetrics | None = None
+    dengine: RequestMetrics | list[RequestMetrics] | None = None  # a list, one per choice, when n > 1
     warning: str | None = None
 
 
@@ -267,13 +339,14 @@ class ChatChoice(msgspec.Struct):
     index: int
     message: ChatMessageOut
     finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatDeltaChoice(msgspec.Struct):
     index: int
     delta: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(_Response, kw_only=True):
@@ -371,6 +444,13 @@ def finish_reason(output: RequestOutput, stop_ids: set[int]) -> str:
     return "stop" if any(token in stop_ids for token in output.token_ids) else "length"
 
 
+def total_usage(usages: list[Usage], n: int) -> Usage:
+    """The usage of a request's answers, n per prompt in order: each prompt counted once."""
+    prompt = sum(u.prompt_tokens for u in usages[::n])
+    completion = sum(u.completion_tokens for u in usages)
+    return Usage(prompt, completion, prompt + completion)
+
+
 def usage(output: RequestOutput, stop_ids: set[int]) -> Usage:
     """Completion tokens are the answer's: generated tokens before the first EOS / end of turn."""
     answer = next((i for i, token in enumerate(output.token_ids) if token in stop_ids), len(output.token_ids))
@@ -378,18 +458,34 @@ def usage(output: RequestOutput, stop_ids: set[int]) -> Usage:
 
 
 class Answer:
-    """What the client gets of one request's output: the text cut at the first stop string (held back while it
-    may still begin one, for streams), the finish reason and the usage, with ignore_eos honoured."""
+    """What the client gets of one answer: the text cut at the first stop string (held back while it may still
+    begin one, for streams), the logprobs of the answer's tokens (each sent with the text that holds it), the
+    finish reason and the usage (so far, for streams), with ignore_eos honoured."""
 
     def __init__(self, request: DiffusionFields, stop_ids: set[int], tokenizer) -> None:
         self.stops = request.stop_strings
         self.hold = max((len(stop) for stop in self.stops), default=1) - 1
         self.ignore_eos = request.ignore_eos
         self.stop_ids, self.tokenizer = stop_ids, tokenizer
-        self.pending, self.emitted, self.stopped = "", "", False
+        self.pending, self.emitted, self.stopped, self.final = "", "", False, False
+        # logprobs of the answer's tokens not sent yet, each with its text
+        self.queued: list[tuple[TokenLogprob, str]] = []
+        self.logprob_chars = 0  # where the next token whose logprob is sent starts in the answer
+        self.ended = False  # the answer's EOS has arrived: the tokens after it are not the answer's
+        self.prompt_tokens = self.tokens = 0  # the answer's tokens decoded so far
 
-    def feed(self, text: str) -> str:
-        """The part of text (arriving block by block) that can be sent now."""
+    def feed(self, text: str, token_ids: list[int] = (), logprobs: list[TokenLogprob] | None = None,
+             prompt_tokens: int = 0) -> str:
+        """The part of text (arriving block by block, with its tokens and their logprobs) that can be sent now."""
+        self.prompt_tokens = prompt_tokens
+        if not self.ended:
+            end = len(token_ids)
+            if not self.ignore_eos:
+                end = next((i for i, token in enumerate(token_ids) if token in self.stop_ids), end)
+                self.ended = end < len(token_ids)
+            self.tokens += end
+            for entry in (logprobs or [])[:end]:
+                self.queued.append((entry, "" if self.tokenizer is None else self.tokenizer.decode([entry.token_id])))
         if self.stopped:
             return ""
         self.pending += text
@@ -406,10 +502,32 @@ class Answer:
         """What was held back, once the output is final."""
         out, self.pending = ("" if self.stopped else self.pending), ""
         self.emitted += out
+        self.final = True
         return out
 
     def whole(self, output: RequestOutput) -> str:
-        return self.feed(output.text or "") + self.flush()
+        return self.feed(output.text or "", output.token_ids, output.logprobs, len(output.prompt_token_ids)) + self.flush()
+
+    def usage_so_far(self) -> Usage:
+        return Usage(self.prompt_tokens, self.tokens, self.prompt_tokens + self.tokens)
+
+    def logprobs(self) -> list[tuple[TokenLogprob, str, int]]:
+        """The answer's tokens whose text has been sent and whose logprobs have not, with their text and where
+        it starts in the answer: all of them once final, and with a stop string those up to the cut."""
+        ready = []
+        while self.queued:
+            entry, text = self.queued[0]
+            start, end = self.logprob_chars, self.logprob_chars + len(text)
+            if self.stopped:
+                if start >= len(self.emitted):
+                    self.queued.clear()
+                    break
+            elif not self.final and end > len(self.emitted):
+                break
+            ready.append((entry, text, start))
+            self.queued.pop(0)
+            self.logprob_chars = end
+        return ready
 
     def finish_reason(self, output: RequestOutput) -> str:
         if output.finish_reason != "abort" and self.stopped:
@@ -428,3 +546,32 @@ class Answer:
         else:
             return usage(output, self.stop_ids)
         return Usage(prompt, completion, prompt + completion)
+
+
+def completion_logprobs(tokens: list[tuple[TokenLogprob, str, int]], offset: int, token_text) -> CompletionLogprobs | None:
+    """OpenAI's completions logprobs of tokens (Answer.logprobs), text offsets shifted by offset (an echo)."""
+    if not tokens:
+        return None
+    return CompletionLogprobs(
+        tokens=[text for _, text, _ in tokens],
+        token_logprobs=[entry.logprob for entry, _, _ in tokens],
+        # as OpenAI's: the top alternatives and the sampled token (up to logprobs + 1 entries)
+        top_logprobs=[{text: entry.logprob, **{token_text(t): lp for t, lp in reversed(entry.top)}}
+                      for entry, text, _ in tokens],
+        text_offset=[offset + start for _, _, start in tokens],
+    )
+
+
+def chat_logprobs(tokens: list[tuple[TokenLogprob, str, int]], token_text) -> ChatLogprobs | None:
+    """OpenAI's chat logprobs of tokens (Answer.logprobs)."""
+    if not tokens:
+        return None
+
+    def top(token_id: int, logprob: float) -> TopLogprob:
+        text = token_text(token_id)
+        return TopLogprob(text, logprob, list(text.encode()))
+
+    return ChatLogprobs([
+        ChatTokenLogprob(text, entry.logprob, list(text.encode()), [top(t, lp) for t, lp in entry.top])
+        for entry, text, _ in tokens
+    ])

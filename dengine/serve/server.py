@@ -8,7 +8,9 @@
     GET  /explore               the denoising trace explorer (dengine.explore), running prompts here
 
 A stream sends one event per decoded block (semi-AR blocks are final left to right), then one with the
-finish reason (and usage when `stream_options.include_usage`), then `data: [DONE]`.
+finish reason (and usage when `stream_options.include_usage`), then `data: [DONE]`. With n > 1 the n answers
+decode side by side (n requests with consecutive seeds) and their events come in rounds: every answer's first
+event by index, then every answer's second, so the order depends only on the answers.
 
 Nothing a client sends can stall other requests: a body over `max_body_bytes` is refused before it is
 read to the end, a prompt with more characters than the model's positions could hold is refused before
@@ -106,19 +108,28 @@ class OpenAIServer:
         messages = [{"role": m.template_role, "content": m.text} for m in request.messages]
         return chat_prompt(self.engine.engine.tokenizer, messages)
 
-    async def _queue(self, request: p.DiffusionFields, prompt) -> str:
-        """Validate and queue; tokenization (and the chat template) run in a worker thread."""
+    async def _queue(self, request: p.DiffusionFields, prompts: list) -> list[str]:
+        """Validate and queue the request's answers, n per prompt, prompt by prompt; tokenization (and the chat
+        template) run in a worker thread. If one cannot be queued, none stays queued."""
         self._check_model(request)
         params = request.sampling_params(self.defaults)
+        request_ids: list[str] = []
         try:
             if isinstance(request, p.ChatCompletionRequest):
-                prompt = await asyncio.to_thread(self._chat_prompt, request)
-            return await self.engine.add_request_async(prompt, params)
+                prompts = [await asyncio.to_thread(self._chat_prompt, request)]
+            for k, seed in enumerate(request.choice_seeds(params.seed, len(prompts))):
+                prompt = prompts[k // request.n]
+                request_ids.append(await self.engine.add_request_async(prompt, params.replace(seed=seed)))
+            return request_ids
         except PromptError as exc:  # empty, not the vocabulary's tokens, too long for the model
             field = "messages" if isinstance(request, p.ChatCompletionRequest) else "prompt"
             raise p.RequestError(str(exc), param=field, code=exc.code) from None
         except ValueError as exc:  # options the family lacks, unknown cache options, too large for the pool
             raise request.field_error(str(exc)) from None
+        finally:
+            if len(request_ids) < request.n * len(prompts):
+                for request_id in request_ids:
+                    self.engine.abort(request_id)
 
     # -- the one entry point of POSTed requests ----------------------------------------------------
 
@@ -145,22 +156,28 @@ class OpenAIServer:
 
     async def completions(self, body: bytes, response_id: str, created: int) -> Response:
         request = p.decode_request(body, p.CompletionRequest)
-        if isinstance(request.prompt, str):
-            self._check_prompt_chars(len(request.prompt), "prompt")
-            prompt = request.prompt
-        else:
-            prompt = {"prompt_token_ids": request.prompt}
-        request_id = await self._queue(request, prompt)
-        warning = self.off_task_warning(request.prompt if isinstance(request.prompt, str) else None, raw=True)
+        prompts = request.prompts()
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                self._check_prompt_chars(len(prompt), "prompt")
+        request_ids = await self._queue(
+            request, [prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt} for prompt in prompts])
+        warning = next(filter(None, (self.off_task_warning(prompt, raw=True) for prompt in prompts
+                                     if isinstance(prompt, str))), None)
+        # answer k is the (k % n)-th of prompt k // n, as OpenAI indexes the choices of a batch of prompts
+        echoes = [self._echo(request, prompts[k // request.n]) for k in range(len(request_ids))]
         if request.stream:
-            return self._sse(self._completion_events(request, request_id, response_id, created, warning))
-        output = await self._final(request_id)
-        answer = self._answer(request)
-        text = self._echo(request) + answer.whole(output)
+            return self._sse(self._completion_events(request, request_ids, echoes, response_id, created, warning))
+        outputs = await self._finals(request_ids)
+        answers = [self._answer(request) for _ in outputs]
+        texts = [echo + answer.whole(output) for echo, answer, output in zip(echoes, answers, outputs)]
         response = p.CompletionResponse(
             id=response_id, created=created, model=self.model_name,
-            choices=[p.CompletionChoice(0, text, answer.finish_reason(output))],
-            usage=answer.usage(output), dengine=output.metrics, trace=output.trace, warning=warning,
+            choices=[p.CompletionChoice(i, text, answer.finish_reason(output),
+                                        p.completion_logprobs(answer.logprobs(), len(echo), self._token_text))
+                     for i, (text, echo, answer, output) in enumerate(zip(texts, echoes, answers, outputs))],
+            usage=self._usage(request, answers, outputs), dengine=self._metrics(outputs), trace=outputs[0].trace,
+            warning=warning,
         )
         return Response(msgspec.json.encode(response), media_type=JSON)
 
@@ -174,18 +191,21 @@ class OpenAIServer:
         # each message adds at least one token of the chat template's (its role marker): counted as a token's
         # worth of characters, so 140,000 empty messages are refused before the template renders them
         self._check_prompt_chars(sum(len(m.text) + self.token_chars for m in request.messages), "messages")
-        request_id = await self._queue(request, None)
+        request_ids = await self._queue(request, [None])
         asked = next((m.text for m in reversed(request.messages) if m.role == "user"), "")
         warning = self.off_task_warning(asked)
         if request.stream:
-            return self._sse(self._chat_events(request, request_id, response_id, created, warning))
-        output = await self._final(request_id)
-        answer = self._answer(request)
+            return self._sse(self._chat_events(request, request_ids, response_id, created, warning))
+        outputs = await self._finals(request_ids)
+        answers = [self._answer(request) for _ in outputs]
+        texts = [answer.whole(output) for answer, output in zip(answers, outputs)]
         response = p.ChatCompletionResponse(
             id=response_id, created=created, model=self.model_name,
-            choices=[p.ChatChoice(0, p.ChatMessageOut("assistant", answer.whole(output)),
-                                  answer.finish_reason(output))],
-            usage=answer.usage(output), dengine=output.metrics, trace=output.trace, warning=warning,
+            choices=[p.ChatChoice(i, p.ChatMessageOut("assistant", text), answer.finish_reason(output),
+                                  p.chat_logprobs(answer.logprobs(), self._token_text))
+                     for i, (text, answer, output) in enumerate(zip(texts, answers, outputs))],
+            usage=self._usage(request, answers, outputs), dengine=self._metrics(outputs), trace=outputs[0].trace,
+            warning=warning,
         )
         return Response(msgspec.json.encode(response), media_type=JSON)
 
@@ -205,73 +225,124 @@ class OpenAIServer:
 
     # -- results ----------------------------------------------------------------------------------
 
-    async def _final(self, request_id: str):
-        async for chunk in self.engine.stream(request_id):
-            if chunk.output is not None:
-                self._record(chunk)
-                return chunk.output
-        raise RuntimeError("stream ended without a final output")
+    async def _finals(self, request_ids: list[str]) -> list:
+        """The final outputs of a request's answers (leaving early aborts every one)."""
+        async def final(request_id: str):
+            async for chunk in self.engine.stream(request_id):
+                if chunk.output is not None:
+                    self._record(chunk)
+                    return chunk.output
+            raise RuntimeError("stream ended without a final output")
+
+        return list(await asyncio.gather(*(final(request_id) for request_id in request_ids)))
+
+    async def _choice_chunks(self, request_ids: list[str]) -> AsyncIterator[tuple[int, StreamChunk]]:
+        """(answer index, chunk) in rounds: every answer's first chunk by index, then every second one, ...; an
+        answer that has ended drops out. The order depends only on the answers (a replayed stream repeats it)."""
+        streams = [self.engine.stream(request_id) for request_id in request_ids]
+        live = list(range(len(streams)))
+        try:
+            while live:
+                for index in list(live):
+                    try:
+                        chunk = await anext(streams[index])
+                    except StopAsyncIteration:
+                        live.remove(index)
+                        continue
+                    if chunk.output is not None:
+                        self._record(chunk)
+                    yield index, chunk
+        finally:
+            for stream in streams:  # leaving early (a client gone) aborts the answers still decoding
+                await stream.aclose()
 
     def _answer(self, request: p.DiffusionFields) -> p.Answer:
         return p.Answer(request, self.stop_ids, self.engine.engine.tokenizer)
 
-    def _echo(self, request: p.CompletionRequest) -> str:
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.engine.token_text(token_id) or ""
+
+    @staticmethod
+    def _usage(request: p.DiffusionFields, answers: list[p.Answer], outputs: list | None = None) -> p.Usage:
+        """The usage of a request's answers (so far, without outputs): each prompt counted once."""
+        usages = [answer.usage_so_far() for answer in answers] if outputs is None else \
+            [answer.usage(output) for answer, output in zip(answers, outputs)]
+        return p.total_usage(usages, request.n)
+
+    @staticmethod
+    def _metrics(outputs: list):
+        return outputs[0].metrics if len(outputs) == 1 else [output.metrics for output in outputs]
+
+    def _echo(self, request: p.CompletionRequest, prompt: str | list[int]) -> str:
         """The prompt's text when the request asks for echo (token-id prompts decoded), else nothing."""
         if not request.echo:
             return ""
-        if isinstance(request.prompt, str):
-            return request.prompt
+        if isinstance(prompt, str):
+            return prompt
         tokenizer = self.engine.engine.tokenizer
-        return "" if tokenizer is None else tokenizer.decode(request.prompt)
+        return "" if tokenizer is None else tokenizer.decode(prompt)
 
     def _record(self, chunk: StreamChunk) -> None:
         self.metrics.finished(len(chunk.output.token_ids), chunk.output.metrics.nfe)
         self.metrics.observe(self.engine.stats())
 
-    async def _completion_events(self, request, request_id, response_id, created,
+    async def _completion_events(self, request, request_ids, echoes, response_id, created,
                                  warning: str | None) -> AsyncIterator[bytes]:
-        answer = self._answer(request)
-        echo = self._echo(request)
-        if echo:
-            yield _event(p.CompletionResponse(id=response_id, created=created, model=self.model_name,
-                                              choices=[p.CompletionChoice(0, echo, None)]))
-        async for chunk in self.engine.stream(request_id):
-            reason, text = None, answer.feed(chunk.text)
+        answers = [self._answer(request) for _ in request_ids]
+        event = self._event_maker(request, answers, p.CompletionResponse, response_id, created)
+        for index, echo in enumerate(echoes):
+            if echo:
+                yield event(p.CompletionChoice(index, echo, None))
+        outputs = [None] * len(request_ids)
+        async for index, chunk in self._choice_chunks(request_ids):
+            answer, reason = answers[index], None
+            text = answer.feed(chunk.text, chunk.token_ids, chunk.logprobs, chunk.prompt_tokens)
             if chunk.output is not None:
-                self._record(chunk)
+                outputs[index] = chunk.output
                 text += answer.flush()
                 reason = answer.finish_reason(chunk.output)
-            if text or reason:
-                yield _event(p.CompletionResponse(
-                    id=response_id, created=created, model=self.model_name,
-                    choices=[p.CompletionChoice(0, text, reason)],
-                    dengine=chunk.output.metrics if chunk.output else None,
-                    warning=warning if chunk.output else None,
-                ))
-            if chunk.output is not None and request.stream_options and request.stream_options.include_usage:
-                yield _event(p.CompletionResponse(id=response_id, created=created, model=self.model_name,
-                                                  choices=[], usage=answer.usage(chunk.output)))
+            logprobs = p.completion_logprobs(answer.logprobs(), len(echoes[index]), self._token_text)
+            if text or reason or logprobs:
+                final = chunk.output is not None
+                yield event(p.CompletionChoice(index, text, reason, logprobs),
+                            dengine=chunk.output.metrics if final else None, warning=warning if final else None)
+        if request.stream_options and request.stream_options.include_usage:
+            yield event(usage=self._usage(request, answers, outputs))
         yield b"data: [DONE]\n\n"
 
-    async def _chat_events(self, request, request_id, response_id, created,
-                           warning: str | None) -> AsyncIterator[bytes]:
-        def event(delta: p.ChatMessageOut, reason: str | None = None, **extra) -> bytes:
-            return _event(p.ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
-                                                choices=[p.ChatDeltaChoice(0, delta, reason)], **extra))
+    def _event_maker(self, request, answers: list[p.Answer], kind: type, response_id: str, created: int):
+        """event(*choices, **fields): one server-sent event of the stream; with `continuous_usage_stats` each
+        carries the usage so far (vLLM's extension)."""
+        continuous = request.stream_options is not None and request.stream_options.continuous_usage_stats
 
-        answer = self._answer(request)
-        yield event(p.ChatMessageOut(role="assistant", content=""))
-        async for chunk in self.engine.stream(request_id):
-            text = answer.feed(chunk.text) + (answer.flush() if chunk.output is not None else "")
-            if text:
-                yield event(p.ChatMessageOut(content=text))
+        def event(*choices, **fields) -> bytes:
+            if continuous and "usage" not in fields:
+                fields["usage"] = self._usage(request, answers)
+            return _event(kind(id=response_id, created=created, model=self.model_name, choices=list(choices),
+                               **fields))
+
+        return event
+
+    async def _chat_events(self, request, request_ids, response_id, created,
+                           warning: str | None) -> AsyncIterator[bytes]:
+        answers = [self._answer(request) for _ in request_ids]
+        event = self._event_maker(request, answers, p.ChatCompletionChunk, response_id, created)
+        for index in range(len(request_ids)):
+            yield event(p.ChatDeltaChoice(index, p.ChatMessageOut(role="assistant", content=""), None))
+        outputs = [None] * len(request_ids)
+        async for index, chunk in self._choice_chunks(request_ids):
+            answer = answers[index]
+            text = answer.feed(chunk.text, chunk.token_ids, chunk.logprobs, chunk.prompt_tokens)
+            text += answer.flush() if chunk.output is not None else ""
+            logprobs = p.chat_logprobs(answer.logprobs(), self._token_text)
+            if text or logprobs:
+                yield event(p.ChatDeltaChoice(index, p.ChatMessageOut(content=text), None, logprobs))
             if chunk.output is not None:
-                self._record(chunk)
-                yield event(p.ChatMessageOut(), answer.finish_reason(chunk.output),
+                outputs[index] = chunk.output
+                yield event(p.ChatDeltaChoice(index, p.ChatMessageOut(), answer.finish_reason(chunk.output)),
                             dengine=chunk.output.metrics, warning=warning)
-                if request.stream_options and request.stream_options.include_usage:
-                    yield _event(p.ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
-                                                       choices=[], usage=answer.usage(chunk.output)))
+        if request.stream_options and request.stream_options.include_usage:
+            yield event(usage=self._usage(request, answers, outputs))
         yield b"data: [DONE]\n\n"
 
     def _sse(self, events: AsyncIterator[bytes]) -> StreamingResponse:
