@@ -99,19 +99,21 @@ class LLMEngine:
         kv_cache_memory: int | float | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 16384,
-        block_size: int = 16,
+        block_size: int | None = None,
         seed: int = 0,
         attention_backend: str = "auto",
         skip_tokenizer_init: bool = False,
         compile: bool = False,
     ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        backend = select_backend(self.device, attention_backend)
+        # None: the backend's (flash-attn reads the paged cache in place only in pages of a multiple of 256 tokens)
+        block_size = backend.default_block_size if block_size is None else block_size
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                             ("block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         policy_class(cache_policy).parse_options(cache_config)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        backend = select_backend(self.device, attention_backend)
         # Process-wide: inductor fuses the layers' elementwise steps of large steps (first one compiles).
         enable_fusion(FUSION_MIN_ROWS if compile else None)
         if self.device.type == "cpu":

@@ -16,6 +16,8 @@ class AttentionBackend:
     """Turns one step's ForwardBatch into the attend function every layer calls."""
 
     name: ClassVar[str]
+    # The KV block size an engine should use with this backend when the user sets none.
+    default_block_size: ClassVar[int] = 16
 
     def plan(self, batch: ForwardBatch) -> AttendFn:
         """Precompute what the step's layers share (masks, index tensors) and return attend."""

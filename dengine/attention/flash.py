@@ -1,7 +1,9 @@
 """flash-attn 2 backend: flash_attn_varlen_func, non-causal, over the paged cache.
 
 flash-attn reads the paged cache directly through block_table only when the page size is a multiple
-of 256; for other block sizes the step's keys and values are gathered into contiguous varlen tensors.
+of 256 (mha_varlen_fwd refuses other page sizes); for other block sizes every layer of every step gathers
+the keys and values of the whole batch's canvases into contiguous varlen tensors first, which is why this
+backend's default block size is 256.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class FlashAttentionBackend(AttentionBackend):
     """CUDA only; selected automatically when flash-attn is installed."""
 
     name = "flash-attn"
+    default_block_size = PAGED_BLOCK_MULTIPLE
 
     def __init__(self) -> None:
         from flash_attn import flash_attn_varlen_func

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from dengine.attention.base import AttendFn, AttentionBackend, gather_kv
@@ -19,13 +17,11 @@ class XFormersAttentionBackend(AttentionBackend):
         from xformers.ops import fmha
 
         self._fmha = fmha
-        # Newer xformers builds the mask's index tensors on a given device; older ones move them itself.
-        self._mask_takes_device = "device" in inspect.signature(fmha.attn_bias.BlockDiagonalMask.from_seqlens).parameters
 
     def plan(self, batch: ForwardBatch) -> AttendFn:
-        device_kw = {"device": batch.input_ids.device} if self._mask_takes_device else {}
+        # The mask's index tensors must be on the inputs' device (from_seqlens takes it since xformers 0.0.27).
         mask = self._fmha.attn_bias.BlockDiagonalMask.from_seqlens(
-            q_seqlen=batch.query_lens, kv_seqlen=batch.seq_lens, **device_kw
+            q_seqlen=batch.query_lens, kv_seqlen=batch.seq_lens, device=batch.input_ids.device
         )
 
         def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
