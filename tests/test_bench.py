@@ -221,3 +221,24 @@ def test_headline_prices_every_run_against_vanilla(tiny_models, tmp_path, capsys
     assert rows[0].cost_speedup == 1.0 and rows[3].cost_speedup > 1.0  # dual computes fewer rows per forward
     assert "cost-side speedup" in capsys.readouterr().out
     assert (tmp_path / "h.png").stat().st_size > 0 and json.loads((tmp_path / "h.json").read_text())["rows"]
+
+
+def test_gpu_check_runs_every_stage_small_on_cpu(tmp_path):
+    """The one-call GPU check, in its CPU mode: every stage runs and passes, and the record says so."""
+    from dengine.bench import gpu_check
+
+    record = gpu_check.main(["--device", "cpu", "--small", "--no-tqdm", "--out", str(tmp_path / "check")])
+    assert record["passed"], gpu_check.markdown(record)
+    stages = record["stages"]
+    assert set(stages) == {"environment", "tests", "backends", "accuracy", "throughput"}
+    assert "passed" in stages["tests"]["summary"] and stages["tests"]["returncode"] == 0
+    assert stages["backends"]["worst_relative_error"] == {"llada/torch": 0.0, "dream/torch": 0.0}
+    assert {(r["model"], r["policy"]) for r in stages["accuracy"]["rows"]} == {
+        (m, p) for m in ("llada-sudoku", "dream-sudoku") for p in ("none", "entropy")}
+    rows = stages["throughput"]["rows"]
+    assert {(r["policy"], r["concurrency"]) for r in rows} == {(p, c) for p in ("none", "entropy", "dual") for c in (1, 2)}
+    assert all(0 < r["mfu"] < 1 for r in rows)
+    dual = [r for r in rows if r["policy"] == "dual"]
+    assert all(r["query_tokens_per_forward"] < 96 for r in dual), "dual computes fewer rows than a full step"
+    saved = json.loads((tmp_path / "check.json").read_text())
+    assert saved["passed"] and "| throughput | yes |" in (tmp_path / "check.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -58,3 +59,18 @@ def test_offline_batch_example_asks_an_embedded_model_its_task(capsys):
     _load_example("offline_batch").main(["--n", "4", "--dtype", "float32"])
     printed = capsys.readouterr().out
     assert printed.count("Complete the sudoku") == 4 and printed.count("(right)") >= 3, printed
+
+
+def test_lm_eval_task_data_is_the_held_out_split_and_is_graded_by_the_tasks_checker():
+    """examples/lm_eval: the shipped JSONL is what utils.py writes (it cannot go stale), and process_results grades
+    with the task's own check: a valid completion right, a grid that breaks a given wrong."""
+    spec = importlib.util.spec_from_file_location("lm_eval_utils", ROOT / "examples" / "lm_eval" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    lines = (ROOT / "examples" / "lm_eval" / "sudoku4.jsonl").read_text().splitlines()
+    problems = utils.problems()
+    assert [json.loads(line) for line in lines] == [{"index": i, "question": p.question} for i, p in enumerate(problems)]
+    doc = json.loads(lines[7])
+    assert utils.process_results(doc, [problems[7].answer]) == {"acc": 1}
+    wrong = problems[7].answer.replace("1", "#").replace("2", "1").replace("#", "2")  # swaps digits: breaks givens
+    assert utils.process_results(doc, [wrong]) == {"acc": 0}

@@ -65,10 +65,11 @@ POLICIES = ["none", "prefix", "dual", "entropy", "dllm", "d2cache"]
 
 
 def write_random_checkpoint(folder: Path, family: str, num_layers: int, seed: int = 0,
-                            overrides: dict | None = None) -> Path:
+                            overrides: dict | None = None, device: torch.device | str = "cpu") -> Path:
     """A checkpoint folder of the family's real format: its real config with num_layers layers (and any
     overrides, e.g. a smaller width for tests), random bf16 weights under the real tensor names, one shard for
-    the embedding, final norm and LM head and one per layer, with the index the real folders have."""
+    the embedding, final norm and LM head and one per layer, with the index the real folders have. The weights
+    are drawn on device (a GPU draws 8B weights in seconds; the values depend on the device)."""
     folder.mkdir(parents=True, exist_ok=True)
     raw = {**REAL_CONFIGS[family], LAYERS[family]: num_layers, **(overrides or {})}
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
@@ -77,7 +78,7 @@ def write_random_checkpoint(folder: Path, family: str, num_layers: int, seed: in
     with torch.device("meta"):
         model = cls(config)
     params = dict(model.named_parameters())
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers + 1)]
     for param_name, parts in model.checkpoint_layout().items():
         shard = int(param_name.split(".")[1]) + 1 if param_name.startswith("layers.") else 0
@@ -86,7 +87,8 @@ def write_random_checkpoint(folder: Path, family: str, num_layers: int, seed: in
             if len(shape) == 1 and "norm" in param_name:
                 shards[shard][tensor_name] = torch.ones(shape, dtype=torch.bfloat16)
             else:
-                shards[shard][tensor_name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+                weights = torch.randn(shape, generator=generator, device=device) * 0.02
+                shards[shard][tensor_name] = weights.to(torch.bfloat16).cpu()
     weight_map = {}
     for i, tensors in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
