@@ -194,6 +194,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 8,
                               "max_completion_tokens": 16}, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]},
+     "modalities"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "verbosity": "low"}, "verbosity"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "prediction": {"type": "content", "content": "x"}}, "prediction"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
                               "top_logprobs": 21}, "top_logprobs"),
@@ -431,7 +437,8 @@ def test_openai_fields_real_clients_send_are_honoured(client):
     send."""
     base = {"model": "tiny", "temperature": 0.7, "seed": 5, "block_length": 8}
     chat = lambda **f: client.post("/v1/chat/completions", json={**base, **f})  # noqa: E731
-    plain = chat(messages=[{"role": "user", "content": "Add: a5 b7"}], max_tokens=32).json()
+    plain = chat(messages=[{"role": "user", "content": "Add: a5 b7"}], max_tokens=32, modalities=["text"],
+                 prompt_cache_key="k", safety_identifier="s", stream_options=None).json()
     parts = chat(messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
                            {"role": "user", "content": [{"type": "text", "text": "Add: "}, {"type": "text", "text": "a5 b7"}]}],
                  max_completion_tokens=32, user="u-1", presence_penalty=0, frequency_penalty=0.0).json()

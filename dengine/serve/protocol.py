@@ -34,6 +34,7 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_CHOICES = 128  # OpenAI's limit on n
 # OpenAI request fields a diffusion model cannot honour: (field, why); refused at any value but the field's default
 PENALTY = "penalties depend on the order tokens are generated in; a diffusion canvas commits them in any order"
+NO_TOOLS = "the embedded and supported models have no tool-calling template"
 UNSUPPORTED = (
     ("presence_penalty", PENALTY),
     ("frequency_penalty", PENALTY),
@@ -43,12 +44,18 @@ UNSUPPORTED = (
     ("suffix", "the model has no infilling template"),
     ("min_tokens", "a diffusion model places EOS anywhere in its canvas; a minimum would need EOS masked per "
                    "position"),
-    ("tools", "the embedded and supported models have no tool-calling template"),
-    ("tool_choice", "the embedded and supported models have no tool-calling template"),
-    ("parallel_tool_calls", "the embedded and supported models have no tool-calling template"),
+    ("tools", NO_TOOLS),
+    ("tool_choice", NO_TOOLS),
+    ("parallel_tool_calls", NO_TOOLS),
+    ("functions", NO_TOOLS),
+    ("function_call", NO_TOOLS),
     ("response_format", "structured output is not implemented"),
     ("service_tier", "one tier"),
     ("reasoning_effort", "not a reasoning model"),
+    ("verbosity", "not a reasoning model"),
+    ("audio", "a text model: text output only"),
+    ("prediction", "predicted outputs are not implemented"),
+    ("web_search_options", "no web search"),
 )
 SERVER_STOPS_AT_EOS = True  # a request that does not send stop_at_eos finishes when its answer is fixed
 
@@ -65,6 +72,7 @@ class RequestError(ValueError):
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: every event carries the usage so far (guidellm sends it)
+    include_obfuscation: bool | None = None  # OpenAI's padding of stream events against side channels: none here
 
 
 class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -249,8 +257,17 @@ class ChatCompletionRequest(DiffusionFields, kw_only=True, forbid_unknown_fields
     response_format: dict[str, Any] | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None  # accepted and ignored, like user (prefix caching is per request here)
+    safety_identifier: str | None = None
+    modalities: list[str] | None = None  # only ["text"]
     service_tier: str | None = None
     reasoning_effort: str | None = None
+    verbosity: str | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
+    function_call: str | dict[str, Any] | None = None
 
     logprobs_param = "top_logprobs"
 
@@ -260,6 +277,8 @@ class ChatCompletionRequest(DiffusionFields, kw_only=True, forbid_unknown_fields
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
+        if self.modalities not in (None, ["text"]):
+            raise RequestError("modalities other than [\"text\"] are not supported: a text model", param="modalities")
         if self.max_completion_tokens is not None:
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise RequestError("max_tokens and max_completion_tokens are the same field; they disagree",
