@@ -9,6 +9,7 @@ reusing sequence stores every attention and FFN output it computes, in the block
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -33,36 +34,34 @@ class LayerRows(NamedTuple):
     stored_rows: torch.Tensor  # the batch rows those are
 
 
-class LayerReuse:
-    """Built by the runner per step; read by every decoder layer."""
+def true_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices of mask's count True entries, ascending: nonzero() without its device sync, the count being
+    known on the host (a stable sort puts the True entries first, in order)."""
+    return (~mask).to(torch.uint8).argsort(stable=True)[:count]
 
-    def __init__(
-        self,
-        reusing: torch.Tensor,
-        fixed: torch.Tensor,
-        output_blocks: torch.Tensor,
-        output_offsets: torch.Tensor,
-        candidates: list[tuple[torch.Tensor, int]],
-        candidate_slots: torch.Tensor,
-        attend_rows: AttendFn | None,
-    ) -> None:
-        self.reusing = reusing  # [N] bool: the row belongs to a sequence that reuses outputs
-        self.reusing_rows = reusing.nonzero().flatten()
-        self.fixed_rows = fixed.nonzero().flatten()  # recomputed at every layer
-        self.output_blocks = output_blocks  # [N] pool block of each reusing row's outputs
-        self.output_offsets = output_offsets  # [N] its slot in that block
-        self.candidates = candidates  # per reusing sequence: (its candidate rows, how many to recompute)
-        self.candidate_rows = torch.cat([rows for rows, _ in candidates] or [reusing.new_zeros(0, dtype=torch.long)])
-        self.candidate_slots = candidate_slots  # K/V slot of each candidate row
-        self.attend_rows = attend_rows  # attention planned for the rows recomputed past layer 0; None: all
-        self._every_row = LayerRows(None, None, self.reusing_rows, self.reusing_rows)
+
+@dataclass
+class LayerReuse:
+    """Built by the runner per step on the host, sent to the device with the batch; read by every decoder layer.
+    Every row count a layer needs follows from these tensors' shapes, so selecting rows never waits for the
+    device."""
+
+    reusing: torch.Tensor  # [N] bool: the row belongs to a sequence that reuses outputs
+    reusing_rows: torch.Tensor  # those rows, ascending
+    fixed_rows: torch.Tensor  # recomputed at every layer, ascending: every row of the other sequences, and `always`
+    output_blocks: torch.Tensor  # [N] pool block of each reusing row's outputs
+    output_offsets: torch.Tensor  # [N] its slot in that block
+    candidate_rows: torch.Tensor  # each reusing sequence's candidate rows, sequence after sequence
+    candidate_slots: torch.Tensor  # K/V slot of each candidate row
+    candidates: list[tuple[int, int]]  # per sequence in candidate_rows: (its candidate rows, how many to recompute)
+    attend_rows: AttendFn | None = None  # attention planned for the rows recomputed past layer 0; None: all
 
     def select(
         self, layer: int, h: torch.Tensor, values: Callable[[torch.Tensor], torch.Tensor], kv_cache: PagedKVCache
     ) -> LayerRows:
         """This layer's rows; values(h_rows) gives the new V [n, kv_heads, head_dim] of some rows."""
         if layer == 0 or self.attend_rows is None:
-            return self._every_row
+            return LayerRows(None, None, self.reusing_rows, self.reusing_rows)
         chosen = [self.fixed_rows]
         if self.candidate_rows.numel():
             new = values(h.index_select(0, self.candidate_rows))
@@ -70,15 +69,17 @@ class LayerReuse:
             old = cached.index_select(0, self.candidate_slots)
             cached.index_copy_(0, self.candidate_slots, new)
             start = 0
-            for rows, count in self.candidates:
-                segment = slice(start, start + rows.numel())
-                chosen.append(rows[least_similar(new[segment], old[segment], count)])
-                start += rows.numel()
+            for size, count in self.candidates:
+                segment = slice(start, start + size)
+                chosen.append(self.candidate_rows[segment][least_similar(new[segment], old[segment], count)])
+                start += size
         active = torch.cat(chosen).sort().values
-        recomputed = torch.zeros_like(self.reusing)
-        recomputed[active] = True
-        stored = self.reusing[active].nonzero().flatten()
-        return LayerRows(active, (~recomputed).nonzero().flatten(), stored, active[stored])
+        recomputed = torch.zeros_like(self.reusing).index_fill_(0, active, True)
+        passive = true_rows(~recomputed, recomputed.numel() - active.numel())
+        # Every row of an ordinary sequence is active; every other active row stores its outputs.
+        ordinary = self.reusing.numel() - self.reusing_rows.numel()
+        stored = true_rows(self.reusing.index_select(0, active), active.numel() - ordinary)
+        return LayerRows(active, passive, stored, active[stored])
 
     def merge(
         self, x: torch.Tensor, out: torch.Tensor, rows: LayerRows, layer: int, kind: int, kv_cache: PagedKVCache

@@ -9,7 +9,7 @@ import torch
 
 from dengine.attention import AttentionBackend, select_backend
 from dengine.attention.probe import AttentionProbe
-from dengine.forward_batch import ForwardBatch
+from dengine.forward_batch import ForwardBatch, records_to_device, to_host
 from dengine.forward_context import ForwardContext
 from dengine.kv.kv_cache import PagedKVCache
 from dengine.layer_reuse import LayerReuse
@@ -92,9 +92,31 @@ class ModelRunner:
         return slots
 
     def prepare(self, queries: Sequence[SequenceQuery]) -> ForwardContext:
-        """Validate the query sets and flatten them (ids, positions, slots, lengths) on the device."""
+        """Validate the query sets, flatten them (ids, positions, slots, lengths) on the host and send them to
+        the device in one copy; planning reads the host's copy, so nothing here waits for the device."""
         if not queries:
             raise ValueError("a forward step needs at least one sequence")
+        host, slots, row_maps = self._flatten(queries)
+        reuse = rows = None
+        if any(q.cached_outputs is not None for q in queries):
+            reuse, rows = self._layer_reuse(host, queries, slots, row_maps)
+        batch, reuse, rows_on_device = records_to_device([host, reuse, rows], self.device)
+        batch = replace(batch, host=host)
+        ctx = ForwardContext(batch, self.backend.plan(batch), layer_reuse=reuse)
+        if rows is not None:
+            reuse.attend_rows = self.backend.plan(replace(rows_on_device, host=rows))
+        recorded = [i for i, q in enumerate(queries) if q.record_attention]
+        if recorded:
+            q_starts, k_starts = host.cu_seqlens_q.tolist(), host.cu_seqlens_k.tolist()
+            ctx.probe = AttentionProbe([(q_starts[i], host.query_lens[i], batch.kv_slots[k_starts[i] : k_starts[i + 1]])
+                                        for i in recorded])
+        return ctx
+
+    def _flatten(
+        self, queries: Sequence[SequenceQuery]
+    ) -> tuple[ForwardBatch, list[torch.Tensor], list[torch.Tensor]]:
+        """The step's ForwardBatch on the host, each query's slots and its row (from 0) of each canvas position
+        (-1 where it is not computed)."""
         self._in_use = {}
         ids, positions, slots, kv_slots, logit_rows, row_maps = [], [], [], [], [], []
         query_lens, seq_lens = [], []
@@ -132,48 +154,38 @@ class ModelRunner:
         width = max(len(q.block_table) for q in queries)
         block_tables = torch.tensor([[*q.block_table, *[0] * (width - len(q.block_table))] for q in queries],
                                     dtype=torch.int32)
-        to_device = {"device": self.device, "non_blocking": True}
         batch = ForwardBatch(
-            input_ids=torch.cat(ids).to(**to_device),
-            positions=torch.cat(positions).to(**to_device),
-            slot_mapping=torch.cat(slots).to(**to_device),
-            logits_indices=torch.cat(logit_rows).to(**to_device),
+            input_ids=torch.cat(ids),
+            positions=torch.cat(positions),
+            slot_mapping=torch.cat(slots),
+            logits_indices=torch.cat(logit_rows),
             query_lens=query_lens,
             seq_lens=seq_lens,
-            cu_seqlens_q=_cumulative(query_lens).to(**to_device),
-            cu_seqlens_k=_cumulative(seq_lens).to(**to_device),
-            block_tables=block_tables.to(**to_device),
-            kv_slots=torch.cat(kv_slots).to(**to_device),
+            cu_seqlens_q=_cumulative(query_lens),
+            cu_seqlens_k=_cumulative(seq_lens),
+            block_tables=block_tables,
+            kv_slots=torch.cat(kv_slots),
             block_size=self.kv_cache.block_size,
         )
-        ctx = ForwardContext(batch, self.backend.plan(batch))
-        starts = _cumulative(query_lens).tolist()
-        if any(q.cached_outputs is not None for q in queries):
-            ctx.layer_reuse = self._layer_reuse(batch, queries, starts, slots, row_maps)
-        recorded = [i for i, q in enumerate(queries) if q.record_attention]
-        if recorded:
-            ctx.probe = AttentionProbe(
-                [(starts[i], query_lens[i], kv_slots[i].to(self.device)) for i in recorded]
-            )
-        return ctx
+        return batch, slots, row_maps
 
     def _layer_reuse(
         self,
         batch: ForwardBatch,
         queries: Sequence[SequenceQuery],
-        starts: list[int],
         slots: list[torch.Tensor],
         row_maps: list[torch.Tensor],
-    ) -> LayerReuse:
-        """The per-layer row selection of a batch in which some sequences reuse cached layer outputs;
+    ) -> tuple[LayerReuse, ForwardBatch | None]:
+        """On the host, the per-layer row selection of a batch in which some sequences reuse cached layer
+        outputs, and the batch of the rows recomputed past layer 0 when attention must be planned for them;
         row_maps[i] gives query i's row (from 0) of each canvas position, -1 where it is not computed."""
-        n = starts[-1]
+        n = batch.input_ids.numel()
         reusing = torch.zeros(n, dtype=torch.bool)
         fixed = torch.ones(n, dtype=torch.bool)
         blocks, offsets = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
-        candidates, candidate_slots, partial_lens = [], [], []
+        candidate_rows, candidate_slots, candidates, partial_lens = [], [], [], []
         per_block = self.kv_cache.outputs_per_block
-        for query, start, row_slots, row_map in zip(queries, starts, slots, row_maps):
+        for query, start, row_slots, row_map in zip(queries, batch.cu_seqlens_q.tolist(), slots, row_maps):
             spec = query.cached_outputs
             pos = _positions_tensor(query.query_positions)
             if spec is None:
@@ -183,6 +195,8 @@ class ModelRunner:
             always, competing = row_map[_positions_tensor(spec.always)], row_map[_positions_tensor(spec.candidates)]
             if bool((always < 0).any()) or bool((competing < 0).any()):
                 raise ValueError("cached_outputs lists positions that are not computed")
+            if torch.cat([always, competing]).unique().numel() != always.numel() + competing.numel():
+                raise ValueError("cached_outputs lists a position twice (always and candidates are disjoint sets)")
             always, competing = always + start, competing + start
             reusing[rows] = True
             fixed[rows] = False
@@ -194,26 +208,31 @@ class ModelRunner:
             blocks[rows], offsets[rows] = table[pos // per_block], pos % per_block
             count = min(spec.count, competing.numel())
             if competing.numel():
-                candidates.append((competing.to(self.device), count))
+                candidate_rows.append(competing)
                 candidate_slots.append(row_slots[competing - start])
+                candidates.append((competing.numel(), count))
             partial_lens.append(always.numel() + count)
-        attend_rows = None
-        if partial_lens != batch.query_lens:
-            attend_rows = self.backend.plan(self._rows_batch(batch, partial_lens)) if any(partial_lens) else _no_rows
-        device = self.device
-        no_slots = torch.zeros(0, dtype=torch.long)
-        return LayerReuse(
-            reusing.to(device),
-            fixed.to(device),
-            blocks.to(device),
-            offsets.to(device),
+        no_rows = torch.zeros(0, dtype=torch.long)
+        reuse = LayerReuse(
+            reusing,
+            reusing.nonzero().flatten(),
+            fixed.nonzero().flatten(),
+            blocks,
+            offsets,
+            torch.cat(candidate_rows or [no_rows]),
+            torch.cat(candidate_slots or [no_rows]),
             candidates,
-            torch.cat(candidate_slots or [no_slots]).to(device),
-            attend_rows,
         )
+        if partial_lens == batch.query_lens:
+            return reuse, None  # attend_rows None: every row is recomputed at every layer
+        if not any(partial_lens):
+            reuse.attend_rows = _no_rows
+            return reuse, None
+        return reuse, self._rows_batch(batch, partial_lens)
 
     def _rows_batch(self, batch: ForwardBatch, query_lens: list[int]) -> ForwardBatch:
-        """batch with each sequence computing query_lens[i] rows; sequences computing none are left out."""
+        """batch (on the host) with each sequence computing query_lens[i] rows; sequences computing none are
+        left out."""
         keep = [i for i, count in enumerate(query_lens) if count]
         k_starts = batch.cu_seqlens_k.tolist()
         seq_lens = [batch.seq_lens[i] for i in keep]
@@ -222,21 +241,23 @@ class ModelRunner:
             batch,
             query_lens=kept_lens,
             seq_lens=seq_lens,
-            cu_seqlens_q=_cumulative(kept_lens).to(self.device),
-            cu_seqlens_k=_cumulative(seq_lens).to(self.device),
+            cu_seqlens_q=_cumulative(kept_lens),
+            cu_seqlens_k=_cumulative(seq_lens),
             block_tables=batch.block_tables[keep],
             kv_slots=torch.cat([batch.kv_slots[k_starts[i] : k_starts[i + 1]] for i in keep]),
         )
 
     @torch.inference_mode()
     def run(self, queries: Sequence[SequenceQuery]) -> list[torch.Tensor]:
-        """One forward over the ragged batch; per sequence, logits [num_logits, vocab] in request order."""
+        """One forward over the ragged batch; per sequence, logits [num_logits, vocab] in request order, on the
+        host (with the attention of the sequences that record it), in one copy."""
         ctx = self.prepare(queries)
         logits = self.model(ctx, self.kv_cache)
-        if ctx.probe is not None:
-            recorded = [q for q in queries if q.record_attention]
-            for query, layers in zip(recorded, ctx.probe.records):
-                query.attention = layers
+        records = [] if ctx.probe is None else ctx.probe.records
+        logits, *attention = to_host([logits, *(layer for layers in records for layer in layers)])
+        on_host = iter(attention)
+        for query, layers in zip([q for q in queries if q.record_attention], records):
+            query.attention = [next(on_host) for _ in layers]
         return list(logits.split([q.num_logits for q in queries]))
 
 

@@ -65,16 +65,19 @@ class TorchAttentionBackend(AttentionBackend):
         members: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, shape in enumerate(zip(batch.query_lens, batch.seq_lens)):
             members[shape].append(index)
+        # Offsets and slots are read on the host (batch.on_host): reading the device's would wait for it.
+        host = batch.on_host
         if len(members) == 1:
             ((q_len, s_len), indices), = members.items()
-            groups = [(len(indices), q_len, s_len, None, _keys(batch.kv_slots))]
+            groups = [(len(indices), q_len, s_len, None, _keys(batch.kv_slots, host.kv_slots))]
         else:
-            q_starts, k_starts = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
+            q_starts, k_starts = host.cu_seqlens_q.tolist(), host.cu_seqlens_k.tolist()
             device, groups = batch.input_ids.device, []
             for (q_len, s_len), indices in members.items():
-                rows = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len) for i in indices]).to(device)
-                keys = torch.cat([torch.arange(k_starts[i], k_starts[i] + s_len) for i in indices]).to(device)
-                groups.append((len(indices), q_len, s_len, rows, _keys(batch.kv_slots.index_select(0, keys))))
+                rows = torch.cat([torch.arange(q_starts[i], q_starts[i] + q_len, device=device) for i in indices])
+                keys = [slice(k_starts[i], k_starts[i] + s_len) for i in indices]
+                slots = [torch.cat([every[k] for k in keys]) for every in (batch.kv_slots, host.kv_slots)]
+                groups.append((len(indices), q_len, s_len, rows, _keys(*slots)))
         attention = _sdpa if batch.input_ids.is_cuda else _chunked_math_attention
 
         def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
@@ -106,10 +109,10 @@ def _chunked_math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
                       for i in range(0, q.shape[0], per_chunk)])
 
 
-def _keys(slots: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Reads the rows at slots of a flat cache: a view when they are one ascending run (a sequence whose
-    blocks are adjacent), else a gather."""
-    first, count = int(slots[0]), slots.numel()
-    if int(slots[-1]) - first == count - 1 and bool((slots.diff() == 1).all()):
+def _keys(slots: torch.Tensor, host_slots: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reads the rows at slots (host_slots: the same on the host) of a flat cache: a view when they are one
+    ascending run (a sequence whose blocks are adjacent), else a gather."""
+    first, count = int(host_slots[0]), host_slots.numel()
+    if int(host_slots[-1]) - first == count - 1 and bool((host_slots.diff() == 1).all()):
         return lambda flat: flat.narrow(0, first, count)
     return lambda flat: flat.index_select(0, slots)

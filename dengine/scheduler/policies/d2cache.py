@@ -119,8 +119,8 @@ class D2Cache(CachePolicy):
             return
         if self.confidence is None:
             self.confidence = torch.zeros(seq.num_tokens - seq.prompt_len, dtype=torch.float64)
-        logits = logits.float().index_fill(1, torch.tensor([seq.mask_id], device=logits.device), -torch.inf)
-        self.confidence[positions - seq.prompt_len] = logits.softmax(-1).max(-1).values.double().cpu()
+        logits = logits.float().index_fill(1, torch.tensor([seq.mask_id]), -torch.inf)
+        self.confidence[positions - seq.prompt_len] = logits.softmax(-1).max(-1).values.double()
 
     def _choose_masks(self, seq, remaining: torch.Tensor) -> torch.Tensor:
         """Stage 1: indices into the generated region of the masks to compute next."""
