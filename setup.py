@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
-        "serve": ["ray[serve]>=2.40", "fastapi>=0.110", "prometheus-client>=0.17"],
+        "serve": ["ray[serve,data]>=2.40", "fastapi>=0.110", "prometheus-client>=0.17"],
         "bench": ["matplotlib>=3.7", "httpx>=0.24"],
         "test": ["pytest>=8", "hypothesis>=6", "httpx>=0.24", "openai>=1.0", "selenium>=4.20"],
     },

@@ -2,7 +2,8 @@
 
     dengine demo [--model M] [--n 64]                      the main job (same as `python -m dengine`)
     dengine serve [--model M] [--replicas N] [--port P]    the OpenAI-compatible server on Ray Serve
-    dengine bench {accuracy,policies,throughput,serve,drift,chaos,width,headline} ... benchmarks (`dengine bench chaos --help`)
+    dengine run-batch -i IN.jsonl -o OUT.jsonl [...]       an OpenAI batch file, offline (Ray Data with --replicas)
+    dengine bench {accuracy,policies,throughput,serve,drift,chaos,width,headline,batch} ... benchmarks (`dengine bench chaos --help`)
     dengine explore TRACE.json [...] -o page.html         the denoising trace explorer as one offline page
 """
 
@@ -23,14 +24,34 @@ from dengine.cli_args import DefaultsHelpFormatter
 BENCHMARKS = {"accuracy": "dengine.bench.accuracy", "policies": "dengine.bench.policies",
               "throughput": "dengine.bench.throughput", "serve": "dengine.bench.serve_load",
               "drift": "dengine.bench.drift", "chaos": "dengine.bench.chaos", "width": "dengine.bench.width",
-              "headline": "dengine.bench.headline"}
+              "headline": "dengine.bench.headline", "batch": "dengine.bench.batch"}
 
 
-def _check_serve_options(args: argparse.Namespace) -> tuple[dict, dict]:
-    """Every option of `dengine serve` checked before Ray starts: (request defaults, engine arguments), or a
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The model and engine options `dengine serve` and `dengine run-batch` share."""
+    parser.add_argument("--model", default=None, help="checkpoint folder or embedded model name (default llada-sudoku)")
+    parser.add_argument("--served-model-name", default=None, help="the `model` requests send (default: folder name)")
+    parser.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
+    parser.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
+    parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default 1 if CUDA, else 0)")
+    parser.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32 or float64")
+    parser.add_argument("--cache-policy", default="entropy",
+                        help="none, prefix, dual, entropy (default), dllm or d2cache (docs/sampling.md)")
+    parser.add_argument("--cache-config", default=None, help='the policy\'s options as JSON, e.g. \'{"tau": 0.05, "k": 8}\'')
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together per replica (default 64)")
+    parser.add_argument("--kv-cache-memory", type=_memory, default=None,
+                        help="KV pool per replica: bytes (an integer), or a fraction of the device's total memory "
+                             "(default: what --max-num-seqs canvases of the model's longest context need, capped by "
+                             "half the RAM left after the weights on CPU, the free GPU memory above a 10%% reserve)")
+    parser.add_argument("--gen-length", type=int, default=None,
+                        help="when a request sets no max_tokens (default: the model's task's, else 128)")
+    parser.add_argument("--block-length", type=int, default=None, help="default: the model's task's, else 32")
+
+
+def check_engine_options(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The options of add_engine_options checked before Ray starts: (request defaults, engine arguments), or a
     ValueError naming the option."""
-    import socket
-
     from dengine.assets import resolve_model
     from dengine.models.loader import resolve_dtype
     from dengine.sampling_params import SamplingParams
@@ -40,8 +61,6 @@ def _check_serve_options(args: argparse.Namespace) -> tuple[dict, dict]:
     for name in ("replicas", "max_num_seqs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.grace_period < 0:
-        raise ValueError(f"--grace-period must be at least 0, got {args.grace_period}")
     try:
         folder = resolve_model(args.model)
         resolve_dtype(args.dtype)
@@ -57,6 +76,22 @@ def _check_serve_options(args: argparse.Namespace) -> tuple[dict, dict]:
     gen_length, block_length = generation_lengths(task_of_folder(folder), args.gen_length, args.block_length)
     defaults = {"gen_length": gen_length, "block_length": block_length}
     SamplingParams(**defaults)
+    engine_kwargs = {"dtype": args.dtype, "cache_policy": args.cache_policy, "max_num_seqs": args.max_num_seqs}
+    if config is not None:
+        engine_kwargs["cache_config"] = config
+    if args.kv_cache_memory is not None:
+        engine_kwargs["kv_cache_memory"] = args.kv_cache_memory
+    return defaults, engine_kwargs
+
+
+def _check_serve_options(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Every option of `dengine serve` checked before Ray starts: (request defaults, engine arguments), or a
+    ValueError naming the option."""
+    import socket
+
+    if args.grace_period < 0:
+        raise ValueError(f"--grace-period must be at least 0, got {args.grace_period}")
+    checked = check_engine_options(args)
     if args.ray_address is None:  # a local Serve binds host:port itself; fail before starting Ray
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
             # as uvicorn binds: a port a just-stopped server left in TIME_WAIT is free, a listening one is not
@@ -66,12 +101,7 @@ def _check_serve_options(args: argparse.Namespace) -> tuple[dict, dict]:
             except OSError as exc:
                 raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({exc.strerror}); "
                                  "is another server running? pick another --port") from None
-    engine_kwargs = {"dtype": args.dtype, "cache_policy": args.cache_policy, "max_num_seqs": args.max_num_seqs}
-    if config is not None:
-        engine_kwargs["cache_config"] = config
-    if args.kv_cache_memory is not None:
-        engine_kwargs["kv_cache_memory"] = args.kv_cache_memory
-    return defaults, engine_kwargs
+    return checked
 
 
 def _serve(args: argparse.Namespace, defaults: dict, engine_kwargs: dict) -> None:
@@ -132,7 +162,8 @@ def quiet_ray_logs() -> None:
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     for name, start in (("ray._private.authentication.authentication_token_setup", "Token authentication is enabled"),
-                        ("ray.serve", "Connecting to existing Serve app")):
+                        ("ray.serve", "Connecting to existing Serve app"),
+                        ("ray.data", "Progress bars disabled")):  # run-batch draws its own
         logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
     if not sys.stdout.isatty():  # the dashboard's address comes wrapped in colour codes
         logging.getLogger("ray._private.worker").addFilter(_strip_colour)
@@ -161,6 +192,28 @@ def _drain(grace_s: float) -> None:
           f"dengine: grace period over; {left} request(s) still in flight are cut off", flush=True)
 
 
+def _run_batch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from dengine.serve.batch import run_batch
+
+    quiet_ray_logs()
+    try:
+        defaults, engine_kwargs = check_engine_options(args)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if not Path(args.input).is_file():
+            raise ValueError(f"--input {args.input}: no such file")
+        summary = run_batch(Path(args.input), Path(args.output), args.model, args.replicas, engine_kwargs,
+                            defaults=defaults, model_name=args.served_model_name, ray_address=args.ray_address,
+                            num_cpus=args.num_cpus, num_gpus=args.num_gpus, batch_size=args.batch_size,
+                            use_tqdm=not args.no_tqdm)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"dengine run-batch: {summary['written']} rows written to {args.output} ({summary['errors']} errors, "
+          f"{summary['skipped']} answered before), {summary['rows_per_s']:.2f} rows/s")
+
+
 def _memory(text: str) -> int | float:
     """--kv-cache-memory: an integer is bytes, anything else a fraction."""
     try:
@@ -186,42 +239,37 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="the OpenAI-compatible API on Ray Serve",
                                 description="The OpenAI-compatible API on Ray Serve. Every option is checked "
                                             "before Ray starts.", formatter_class=DefaultsHelpFormatter)
-    serve.add_argument("--model", default=None, help="checkpoint folder or embedded model name (default llada-sudoku)")
-    serve.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
-    serve.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
-    serve.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
-    serve.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default 1 if CUDA, else 0)")
+    add_engine_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    serve.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
-    serve.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32 or float64")
-    serve.add_argument("--cache-policy", default="entropy",
-                       help="none, prefix, dual, entropy (default), dllm or d2cache (docs/sampling.md)")
-    serve.add_argument("--cache-config", default=None, help='the policy\'s options as JSON, e.g. \'{"tau": 0.05, "k": 8}\'')
-    serve.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together per replica (default 64)")
-    serve.add_argument("--kv-cache-memory", type=_memory, default=None,
-                       help="KV pool per replica: bytes (an integer), or a fraction of the device's total memory "
-                            "(default: what --max-num-seqs canvases of the model's longest context need, capped by "
-                            "half the RAM left after the weights on CPU, the free GPU memory above a 10%% reserve)")
-    serve.add_argument("--gen-length", type=int, default=None,
-                       help="when a request sets no max_tokens (default: the model's task's, else 128)")
-    serve.add_argument("--block-length", type=int, default=None, help="default: the model's task's, else 32")
     serve.add_argument("--access-log", action="store_true",
                        help="log a line per request from the HTTP proxy and the replicas (Ray Serve's access log)")
     serve.add_argument("--grace-period", type=float, default=30.0,
                        help="seconds requests in flight get to finish on SIGTERM / Ctrl-C (default 30)")
 
+    batch = commands.add_parser(
+        "run-batch", help="an OpenAI batch file (JSONL requests in, JSONL results out), resumable",
+        description="Answer an OpenAI batch input file offline, as the server would answer each request; results "
+                    "are appended as they finish, and a rerun with the same output skips the custom_ids already "
+                    "answered. One replica runs in this process; --replicas N (or --ray-address) runs N engines "
+                    "through Ray Data.", formatter_class=DefaultsHelpFormatter)
+    batch.add_argument("-i", "--input", required=True, help="the batch input file (JSONL)")
+    batch.add_argument("-o", "--output", required=True, help="the results file (JSONL; appended to when resuming)")
+    add_engine_options(batch)
+    batch.add_argument("--batch-size", type=int, default=16, help="rows a Ray Data task hands an engine at once")
+    batch.add_argument("--no-tqdm", action="store_true")
+
     bench = commands.add_parser(
         "bench", help="benchmarks: accuracy, policies, throughput (offline), serve (load on a server), drift, chaos "
                       "(a replica killed under load), width (step cost at the real models' width), headline (cache policies "
-                      "with parallel decoding against vanilla on a long task)", add_help=False)
+                      "with parallel decoding against vanilla on a long task), batch (run-batch rows/s)", add_help=False)
     bench.add_argument("which", nargs="?", choices=sorted(BENCHMARKS),
                        help="the benchmark; `dengine bench NAME --help` for its options")
 
     commands.add_parser("explore", help="write the trace explorer page with traces embedded", add_help=False)
 
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command == "serve":
+    if rest and args.command in ("serve", "run-batch"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "explore":
         from dengine.explore import main as explore_main
@@ -245,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:
             serve.error(str(exc))
         _serve(args, *checked)
+    elif args.command == "run-batch":
+        _run_batch(batch, args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ EMBEDDED_MODELS = {
 DEFAULT_MODEL = "llada-sudoku"
 
 
+def served_name(model: str | Path | None) -> str:
+    """The model name a server answers to: the embedded model's name, or the checkpoint folder's."""
+    return DEFAULT_MODEL if model is None else Path(str(model)).name
+
+
 def resolve_model(model: str | Path | None) -> Path:
     """A checkpoint folder: the given path, an embedded model's name, or the default embedded model."""
     if model is None:

@@ -31,6 +31,7 @@ from ray.exceptions import (
 )
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
+from dengine.assets import served_name
 from dengine.async_engine import AsyncLLMEngine
 from dengine.sampling_params import SamplingParams
 from dengine.serve.router import Head, Relay, router_app
@@ -138,12 +139,6 @@ def show_engine_log() -> None:
         engine_log.addHandler(handler)
         engine_log.setLevel(logging.INFO)
         engine_log.propagate = False
-
-
-def served_name(model: str | Path | None) -> str:
-    from dengine.assets import DEFAULT_MODEL
-
-    return DEFAULT_MODEL if model is None else Path(str(model)).name
 
 
 def build_app(model: str | None = None, *, replicas: int = 1, num_cpus: float | None = None,
