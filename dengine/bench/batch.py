@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     llm.chat([[{"role": "user", "content": q}] for q in questions], SamplingParams(**defaults), use_tqdm=False)
     offline = time.perf_counter() - start
     rows.append({"path": "LLM.chat, one process", "replicas": 1, "seconds": offline, "rows_per_s": args.n / offline,
-                 "cost_ratio": 1.0})
+                 "cost_ratio": 1.0, "first_row_s": None, "rows_per_s_after_first": None})
     del llm
     with tempfile.TemporaryDirectory(prefix="dengine-bench-batch-") as tmp:
         source = Path(tmp) / "requests.jsonl"
@@ -67,18 +67,25 @@ def main(argv: list[str] | None = None) -> dict:
             assert summary["written"] == args.n and summary["errors"] == 0, summary
             rows.append({"path": "run-batch" + (" (Ray Data)" if replicas > 1 else ", in process"),
                          "replicas": replicas, "seconds": summary["seconds"], "rows_per_s": summary["rows_per_s"],
-                         "cost_ratio": (summary["seconds"] / args.n) / (offline / args.n)})
+                         "cost_ratio": (summary["seconds"] / args.n) / (offline / args.n),
+                         "first_row_s": summary["first_row_s"],
+                         "rows_per_s_after_first": summary["rows_per_s_after_first"]})
     record = run_record("python -m dengine.bench.batch", argv, check, model=args.model, n=args.n,
                         cache_policy=args.cache_policy, rows=rows)
     lines = [f"`{record['command']}` ({record['machine']}, {record['date']}, commit {record['commit']})", "",
              f"{args.n} held-out {folder.name} chat completions, {args.cache_policy}, the server's default lengths",
-             "", "| path | replicas | wall s | rows/s | cost per row vs LLM.chat |", "|---|---|---|---|---|"]
-    lines += [f"| {r['path']} | {r['replicas']} | {r['seconds']:.1f} | {r['rows_per_s']:.2f} | {r['cost_ratio']:.2f}x |"
-              for r in rows]
+             "", "| path | replicas | wall s | rows/s | cost per row vs LLM.chat | first row after s | rows/s after it |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['replicas']} | {r['seconds']:.1f} | {r['rows_per_s']:.2f} | {r['cost_ratio']:.2f}x | "
+              f"{_maybe(r['first_row_s'], '.1f')} | {_maybe(r['rows_per_s_after_first'], '.2f')} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     write_report(args.out, record, text)
     return record
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

@@ -216,6 +216,7 @@ class ResultWriter:
         self.file = path.open("ab")
         self.done = done
         self.errors = self.written = 0
+        self.first_at: float | None = None  # when the first row was written (perf_counter)
         self.bar = tqdm(total=total, initial=len(done), desc="run-batch", unit="row", disable=not use_tqdm,
                         dynamic_ncols=True)
 
@@ -228,6 +229,8 @@ class ResultWriter:
         self.file.flush()
         self.errors += failed(output)
         self.written += 1
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
         self.bar.update(1)
         self.bar.set_postfix(errors=self.errors, refresh=False)
 
@@ -313,9 +316,13 @@ def run_batch(input_path: Path, output_path: Path, model: str | None = None, rep
                             cpus, gpus, batch_size, ray_address)
     finally:
         writer.close()
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
+    wall = end - start
+    first = None if writer.first_at is None else writer.first_at - start
+    steady = writer.written - 1 if first is not None and end > writer.first_at else 0
     return {"rows": total, "skipped": already, "written": writer.written, "errors": writer.errors, "seconds": wall,
-            "rows_per_s": writer.written / wall if wall > 0 else 0.0, "rows_per_node": nodes}
+            "rows_per_s": writer.written / wall if wall > 0 else 0.0, "first_row_s": first,
+            "rows_per_s_after_first": steady / (end - writer.first_at) if steady else None, "rows_per_node": nodes}
 
 
 def _cuda() -> bool:
