@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "rows_per_s_after_first": summary["rows_per_s_after_first"]})
     record = run_record("python -m dengine.bench.batch", argv, check, model=args.model, n=args.n,
                         cache_policy=args.cache_policy, rows=rows)
-    lines = [f"`{record['command']}` ({record['machine']}, {record['date']}, commit {record['commit']})", "",
-             f"{args.n} held-out {folder.name} chat completions, {args.cache_policy}, the server's default lengths",
+    lines = [f"{args.n} held-out {folder.name} chat completions, {args.cache_policy}, the server's default lengths",
              "", "| path | replicas | wall s | rows/s | cost per row vs LLM.chat | first row after s | rows/s after it |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['path']} | {r['replicas']} | {r['seconds']:.1f} | {r['rows_per_s']:.2f} | {r['cost_ratio']:.2f}x | "

@@ -178,8 +178,7 @@ def run_stage(name: str, stage: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(record: dict[str, Any]) -> str:
     stages = record["stages"]
-    lines = [f"`{record['command']}` ({record['machine']}, {record['date']}, commit {record['commit']})", "",
-             "| stage | passed | seconds |", "|---|---|---|"]
+    lines = ["| stage | passed | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if s['passed'] else '**no**'} | {s['seconds']} |" for name, s in stages.items()]
     env = stages["environment"]
     lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("passed", "seconds"))]
