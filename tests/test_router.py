@@ -88,8 +88,9 @@ def test_a_non_streamed_request_is_retried_until_a_replica_answers_whole():
 
 def test_no_replica_within_the_retry_timeout_is_a_503_in_openai_shape():
     relay = Relay(Replicas(Died).call, (Died,), retry_timeout_s=0.3)
-    status, (body,) = asyncio.run(_collect(relay, {"prompt": "x"}))
-    assert status == 503 and json.loads(body)["error"]["code"] == "replica_unavailable"
+    response = asyncio.run(relay.forward("completions", b'{"prompt": "x"}'))
+    assert response.status_code == 503 and json.loads(response.body)["error"]["code"] == "replica_unavailable"
+    assert response.headers["retry-after"] == "5", "OpenAI's client waits that long before retrying"
 
 
 def test_errors_other_than_a_dead_replica_are_not_retried():
@@ -115,8 +116,9 @@ def test_errors_other_than_a_dead_replica_are_not_retried():
 def test_draining_refuses_new_requests_with_503():
     relay = Relay(Replicas([b"{}"]).call, (Died,))
     relay.draining = True
-    status, (body,) = asyncio.run(_collect(relay, {"prompt": "x"}))
-    assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down"
+    response = asyncio.run(relay.forward("completions", b'{"prompt": "x"}'))
+    assert response.status_code == 503 and json.loads(response.body)["error"]["code"] == "shutting_down"
+    assert response.headers["retry-after"] == "5"
 
 
 def test_refused_requests_keep_their_status_and_are_not_retried():

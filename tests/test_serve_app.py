@@ -636,3 +636,26 @@ def test_logprobs_through_both_endpoints_streamed_or_not(client):
     plain = client.post("/v1/chat/completions", json={**base, "messages": messages, "logprobs": True}).json()
     assert [c["top_logprobs"] for c in plain["choices"][0]["logprobs"]["content"]] == [[]] * len(content)
     assert client.post("/v1/chat/completions", json={**base, "messages": messages}).json()["choices"][0]["logprobs"] is None
+
+
+def test_a_host_short_of_memory_refuses_new_requests_with_503_and_retry_after(chat_folders, monkeypatch):
+    """Below the memory floor a replica takes no new work (503 overloaded, Retry-After) instead of growing into
+    the OOM killer; a request in flight finishes, and requests are taken again once memory is back."""
+    import dengine.serve.server as server_module
+
+    server = _server(chat_folders["llada"])
+    total = 24 << 30
+    free = {"bytes": total // 2}
+    monkeypatch.setattr(server_module, "host_memory", lambda: (free["bytes"], total))
+    body = {"prompt": "Add: a1 b2", "max_tokens": 64, "block_length": 8, "stream": True}
+    with TestClient(create_app(server)) as c:
+        with c.stream("POST", "/v1/completions", json=body) as in_flight:
+            free["bytes"] = int(0.04 * total)  # another process takes the memory meanwhile
+            refused = c.post("/v1/completions", json={**body, "stream": False})
+            events = [line for line in in_flight.iter_lines() if line]
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert refused.json()["error"]["code"] == "overloaded" and "short of memory" in refused.json()["error"]["message"]
+        assert events[-1] == "data: [DONE]" and '"finish_reason":"' in events[-2], "the request in flight finished"
+        assert server.engine.stats().waiting == 0 and server.engine.stats().running == 0
+        free["bytes"] = total // 2
+        assert c.post("/v1/completions", json={**body, "stream": False}).status_code == 200

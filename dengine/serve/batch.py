@@ -131,8 +131,9 @@ class BatchAnswerer:
                  defaults: dict[str, Any] | None = None, model_name: str | None = None) -> None:
         folder = resolve_model(model)
         self.engine = AsyncLLMEngine.from_model(folder, **(engine_kwargs or {}))
+        # no memory floor: a batch has no client to push back on; its rows wait in the engine's queue instead
         self.server = OpenAIServer(self.engine, model_name or served_name(model),
-                                   SamplingParams(**(defaults or default_lengths(folder))))
+                                   SamplingParams(**(defaults or default_lengths(folder))), memory_floor=0)
 
     async def answer(self, line: str) -> bytes:
         """The output line (without its newline) of one input line."""

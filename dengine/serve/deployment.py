@@ -65,7 +65,10 @@ class EngineReplica:
     async def call(self, endpoint: str, body: bytes, response_id: str, created: int) -> AsyncIterator[Any]:
         """One POST: its Head, then its body (one part per server-sent event when streaming)."""
         response = await self.server.respond(endpoint, body, response_id, created)
-        yield Head(response.status_code, response.media_type, {"X-Dengine-Replica": self.server.replica})
+        headers = {"X-Dengine-Replica": self.server.replica}
+        if "retry-after" in response.headers:
+            headers["Retry-After"] = response.headers["retry-after"]
+        yield Head(response.status_code, response.media_type, headers)
         if not isinstance(response, StreamingResponse):
             yield response.body
             return

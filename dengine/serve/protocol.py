@@ -64,9 +64,10 @@ class RequestError(ValueError):
     """A request the server refuses: becomes an HTTP error in OpenAI's shape."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.retry_after_s = retry_after_s  # a 503's Retry-After: when sending it again may succeed
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -407,8 +408,19 @@ def error_body(error: RequestError) -> bytes:
 
 
 def error_response(error: RequestError, headers: dict[str, str] | None = None) -> Response:
-    """The HTTP response of a refused request: OpenAI's error body with the error's status."""
+    """The HTTP response of a refused request: OpenAI's error body with the error's status (and Retry-After when
+    the error says when to retry; OpenAI's client waits that long before its own retry)."""
+    if error.retry_after_s is not None:
+        headers = {**(headers or {}), "Retry-After": str(error.retry_after_s)}
     return Response(error_body(error), status_code=error.status, media_type="application/json", headers=headers)
+
+
+RETRY_AFTER_S = 5  # what a 503 tells clients to wait: about a replica's restart, or a few blocks of decoding
+
+
+def unavailable(message: str, code: str) -> RequestError:
+    """A retryable refusal (503 with Retry-After): shutting down, no replica, the host short of memory."""
+    return RequestError(message, status=503, kind="server_error", code=code, retry_after_s=RETRY_AFTER_S)
 
 
 def body_too_large(limit: int) -> RequestError:

@@ -120,8 +120,8 @@ class Relay:
     async def forward(self, endpoint: str, body: bytes) -> Response:
         """The response to one POST, whatever happens to the replica serving it."""
         if self.draining:
-            return p.error_response(p.RequestError("the server is shutting down; send the request again later",
-                                                   status=503, kind="server_error", code="shutting_down"))
+            return p.error_response(p.unavailable("the server is shutting down; send the request again later",
+                                                  "shutting_down"))
         body, stream = with_seed(body, self.rng)
         response_id, created = p.response_id(endpoint), p.now()
         self.in_flight += 1
@@ -256,13 +256,12 @@ CUT, END = object(), object()  # what Relay._next_or_end returns at a shutdown's
 
 
 def shut_down() -> p.RequestError:
-    return p.RequestError("the server stopped before this request finished (its grace period ended); send it "
-                          "again", status=503, kind="server_error", code="shutting_down")
+    return p.unavailable("the server stopped before this request finished (its grace period ended); send it "
+                         "again", "shutting_down")
 
 
 def _unavailable() -> Response:
-    return p.error_response(p.RequestError("no engine replica could take the request", status=503,
-                                           kind="server_error", code="replica_unavailable"))
+    return p.error_response(p.unavailable("no engine replica could take the request", "replica_unavailable"))
 
 
 def router_app(relay: Relay, get: Callable[[str], Any], model_name: str, max_body_bytes: int) -> FastAPI:
@@ -281,8 +280,7 @@ def router_app(relay: Relay, get: Callable[[str], Any], model_name: str, max_bod
         if what == "models":
             return Response(msgspec.json.encode(p.ModelList([p.ModelCard(model_name)])), media_type="application/json")
         if what == "health" and relay.draining:
-            return p.error_response(p.RequestError("the server is shutting down", status=503, kind="server_error",
-                                                   code="shutting_down"))
+            return p.error_response(p.unavailable("the server is shutting down", "shutting_down"))
         return await get(what)
 
     return openai_app(post, answer, max_body_bytes)

@@ -25,6 +25,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
+import torch
 from fastapi import FastAPI, Request
 from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +33,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from dengine.async_engine import AsyncLLMEngine, StreamChunk
 from dengine.engine import PromptError
+from dengine.kv.kv_cache import available_memory_bytes, total_memory_bytes
 from dengine.explore import add_explore_route
 from dengine.llm import chat_prompt
 from dengine.sampling_params import SamplingParams
@@ -43,17 +45,22 @@ logger = logging.getLogger(__name__)
 JSON = "application/json"
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 BODY_TIMEOUT_S = 15.0  # a whole body (at most DEFAULT_MAX_BODY_BYTES) must arrive within this
+# new requests are refused (503, Retry-After) while the host has less than this share of its RAM available: a
+# replica that keeps admitting work there is what the kernel's OOM killer or Ray's memory monitor stops next
+MEMORY_FLOOR = 0.05
 
 
 class OpenAIServer:
     """Request handling shared by every route: decode strictly, validate, queue, answer."""
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str, defaults: SamplingParams | None = None, *,
-                 replica: str = "local", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 replica: str = "local", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 memory_floor: float = MEMORY_FLOOR) -> None:
         self.engine = engine
         self.model_name = model_name
         self.replica = replica
         self.max_body_bytes = max_body_bytes
+        self.memory_floor = memory_floor
         self.defaults = defaults or SamplingParams(gen_length=128, block_length=32)
         config = engine.engine.config
         self.stop_ids = {config.eos_token_id, engine.engine.eot_token_id}
@@ -90,6 +97,16 @@ class OpenAIServer:
         return (f"{self.model_name} is an embedded model trained only on the task {task.name} ({task.summary}); "
                 f"this prompt is not one of its questions, which read like {task.example!r} {how}, so the answer "
                 "means nothing")
+
+    def _check_memory(self) -> None:
+        """Refuse new work (503 overloaded, Retry-After) while the host is short of memory; requests in flight go
+        on, and the replica answers again once memory is back."""
+        if self.memory_floor <= 0:
+            return
+        available, total = host_memory()
+        if available < self.memory_floor * total:
+            raise p.unavailable(f"the host is short of memory ({available / 1e9:.2f} of {total / 1e9:.1f} GB "
+                                "available); send the request again in a few seconds", "overloaded")
 
     def _check_model(self, request: p.DiffusionFields) -> None:
         if request.model is not None and request.model != self.model_name:
@@ -143,6 +160,7 @@ class OpenAIServer:
         try:
             if len(body) > self.max_body_bytes:
                 raise p.body_too_large(self.max_body_bytes)
+            self._check_memory()
             response = await handler(body, response_id or p.response_id(endpoint), created or p.now())
         except p.RequestError as error:
             response = p.error_response(error)
@@ -351,6 +369,12 @@ class OpenAIServer:
 
 
 REPLICA_HEADER = "X-Dengine-Replica"
+
+
+def host_memory() -> tuple[int, int]:
+    """(available, total) bytes of the host's RAM."""
+    cpu = torch.device("cpu")
+    return available_memory_bytes(cpu), total_memory_bytes(cpu)
 
 
 def _event(message: msgspec.Struct) -> bytes:
