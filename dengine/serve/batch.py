@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -184,13 +185,18 @@ class OpenAIBatchProcessor:
             import torch
 
             torch.set_num_threads(num_threads)
+        # the engine's loop runs for the actor's whole life on a thread of its own; batches are handed to it
         self.loop = asyncio.new_event_loop()
-        self.answerer = self.loop.run_until_complete(_build(model, engine_kwargs, defaults, model_name))
+        threading.Thread(target=self.loop.run_forever, name="dengine-batch-loop", daemon=True).start()
+        self.answerer = self._run(_build(model, engine_kwargs, defaults, model_name))
         self.node = _node_id()
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         lines = [str(line) for line in batch["text"]]
-        outputs = self.loop.run_until_complete(self.answerer.answer_all(lines))
+        outputs = self._run(self.answerer.answer_all(lines))
         return {"custom_id": [custom_id_of(line) for line in lines], "output": [o.decode() for o in outputs],
                 "node": [self.node] * len(lines)}
 
