@@ -4,8 +4,8 @@ A Decoder sees one sequence's candidate positions (its still-masked positions in
 their logits, and returns the commits. LLaDA's rules follow its reference `generate` (fixed schedule,
 float64 Gumbel-max temperature, low-confidence or random remasking); Dream's follow `diffusion_generate`
 (timestep schedule, maskgit_plus / topk_margin / entropy / origin, top-p / top-k with the official
-default top_k of 50, alg_temp); both take
-Fast-dLLM's threshold and factor rules.
+default top_k of 50, alg_temp); both take Fast-dLLM's threshold and factor rules, and a fixed count per
+step instead of the schedule (`tokens_per_step`, the d2Cache framework's `num_transfer_tokens`).
 """
 
 from __future__ import annotations
@@ -59,12 +59,15 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def certainty_density(known: torch.Tensor, sigma: float) -> torch.Tensor:
-    """d2Cache's certainty density of each generated position: a Gaussian-weighted share of known neighbours.
+    """d2Cache's certainty density of each generated position: Gaussian-weighted known neighbours.
 
-    D(i) = sum_j exp(-(i - j)^2 / (2 sigma^2)) known(j) / sum_j exp(-(i - j)^2 / (2 sigma^2)), j over the
-    generation region extended by its own length on both sides: the left side (the prompt) counts as known,
-    the right side as known only when the last generated position is. Float64; the kernel is cut at 40 sigma,
-    where its weight is below 1e-300.
+    D(i) = sum_j exp(-(i - j)^2 / (2 sigma^2)) known(j) / M, j over the generation region extended by its own
+    length G on both sides: the left side (the prompt) counts as known, the right side as known only when the
+    last generated position is. M is the kernel's whole mass, sum_d exp(-d^2 / (2 sigma^2)) over the 6G
+    offsets -3G..3G-1 that d2Cache's reference builds its kernel on, the same for every position: near the
+    ends of the extended region the window holds less of the kernel, so even a position among known tokens
+    has a density below 1 there. Float64; the numerator's kernel is cut at 40 sigma, where its weight is
+    below 1e-300.
     """
     g = known.numel()
     extended = torch.ones(3 * g, dtype=torch.float64)
@@ -77,13 +80,13 @@ def certainty_density(known: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _density_kernel(g: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Gaussian kernel for a generation region of g positions, and its mass at each of them."""
+def _density_kernel(g: int, sigma: float) -> tuple[torch.Tensor, float]:
+    """The Gaussian kernel for a generation region of g positions, and its whole mass."""
     radius = min(2 * g - 1, math.ceil(40 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2)).view(1, 1, -1)
-    mass = F.conv1d(torch.ones(1, 1, 3 * g, dtype=torch.float64), kernel, padding=radius).flatten()[g : 2 * g]
-    return kernel, mass
+    every_offset = torch.arange(-3 * g, 3 * g, dtype=torch.float64)
+    return kernel, float(torch.exp(-(every_offset**2) / (2 * sigma**2)).sum())
 
 
 def threshold_count(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -159,6 +162,21 @@ class Decoder:
             chosen = self._choose(confidence, block_step).sort().values
         return StepOutcome(candidates[chosen], tokens[chosen], probs[chosen])
 
+    def top_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per row, the top token's probability in the distribution the sampler draws from (LLaDA: the softmax in
+        softmax_dtype; Dream: after temperature, top-p and top-k), MASK excluded: d2Cache's stored confidence."""
+        logits = logits.clone()
+        logits[:, self.mask] = -torch.inf
+        if self.is_dream:
+            return self._dream_distribution(logits).max(-1).values.double()
+        if self.params.logits_eos_inf:
+            logits[:, self.eos] = -torch.inf
+        return self._llada_distribution(logits).max(-1).values.double()
+
+    def _llada_distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32 if self.params.softmax_dtype == "float32" else torch.float64
+        return F.softmax(logits.to(dtype), dim=-1)
+
     def _llada_sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = self.params
         if p.logits_eos_inf:
@@ -168,7 +186,7 @@ class Decoder:
             tokens = (logits.double().exp() / (-noise.log()) ** p.temperature).argmax(-1)
         else:
             tokens = logits.argmax(-1)
-        probs = F.softmax(logits.double(), dim=-1)
+        probs = self._llada_distribution(logits)
         if p.remasking == "random":
             confidence = torch.rand(tokens.shape, dtype=torch.float64, generator=self.generator)
         else:
@@ -227,11 +245,13 @@ class Decoder:
         if p.factor is not None:
             return factor_count(confidence, p.factor)
         n = confidence.numel()
-        if not self.is_dream:
-            count = self._schedule[block_step] if block_step < len(self._schedule) else n
-            return confidence.topk(min(count, n)).indices
-        t, s, last = self._timestep_pair(block_step)
-        count = n if last else int(torch.tensor(float(n)) * (1 - s / t))
+        if p.tokens_per_step is not None:
+            count = min(p.tokens_per_step, n)
+        elif not self.is_dream:
+            count = min(self._schedule[block_step], n) if block_step < len(self._schedule) else n
+        else:
+            t, s, last = self._timestep_pair(block_step)
+            count = n if last else int(torch.tensor(float(n)) * (1 - s / t))
         if count == 0:
             return torch.zeros(0, dtype=torch.long)
         if p.alg_temp:

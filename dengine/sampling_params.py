@@ -23,7 +23,8 @@ MAX_TEMPERATURE = 100.0
 MAX_CFG_SCALE = 100.0
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
-LLADA_ONLY = {"cfg_scale": 0.0, "logits_eos_inf": False, "confidence_eos_eot_inf": False}
+LLADA_ONLY = {"cfg_scale": 0.0, "logits_eos_inf": False, "confidence_eos_eot_inf": False, "softmax_dtype": "float64"}
+SOFTMAX_DTYPES = ("float64", "float32")
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -32,6 +33,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     gen_length: int = 128
     block_length: int | None = None  # None: one block of gen_length
     steps: int | None = None  # None: gen_length (one token per step); ignored by threshold/factor
+    tokens_per_step: int | None = None  # commit exactly this many masks a step instead of the family's schedule
     temperature: float = 0.0
     top_p: float | None = None  # Dream
     top_k: int | None = None  # Dream; None: 50 (the official default), 0 or -1: no filter
@@ -41,10 +43,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     eps: float | None = None  # Dream: final timestep (default 1e-3)
     threshold: float | None = None  # Fast-dLLM: commit every in-block mask with confidence >= threshold
     factor: float | None = None  # Fast-dLLM factor rule
-    sigma: float | None = None  # certainty-prior decoding: rank by confidence * certainty density (d2Cache)
+    sigma: float | None = None  # certainty-prior decoding: rank by confidence * certainty density; None: the policy's
     cfg_scale: float = 0.0  # LLaDA classifier-free guidance
     logits_eos_inf: bool = False  # LLaDA: EOS can never be sampled
     confidence_eos_eot_inf: bool = False  # LLaDA: EOS / EOT never count as confident
+    softmax_dtype: str = "float64"  # LLaDA: the confidences' softmax; "float32" as dLLM-Cache's and d2Cache's samplers
     stop_at_eos: bool = False
     seed: int | None = None
     cache_policy: str | None = None  # None: the engine's policy
@@ -90,11 +93,19 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             _check_float("factor", self.factor, low=0.0, low_open=True)
         if self.remasking == "origin" and (self.threshold is not None or self.factor is not None):
             raise ValueError("remasking 'origin' commits at random and cannot use threshold or factor")
+        if self.tokens_per_step is not None:
+            _check_int("tokens_per_step", self.tokens_per_step, minimum=1)
+            if self.steps is not None or self.parallel:
+                raise ValueError("tokens_per_step fixes the commits per step: leave steps, threshold and factor unset")
+            if self.remasking == "origin":
+                raise ValueError("remasking 'origin' commits at random and cannot use tokens_per_step")
         if self.sigma is not None:
             _check_float("sigma", self.sigma, low=0.0, low_open=True)
             if self.remasking == "origin":
                 raise ValueError("remasking 'origin' commits at random and has no confidence for sigma to weight")
         _check_float("cfg_scale", self.cfg_scale, low=0.0, high=MAX_CFG_SCALE)
+        if self.softmax_dtype not in SOFTMAX_DTYPES:
+            raise ValueError(f"softmax_dtype {self.softmax_dtype!r} is unknown; choose one of {list(SOFTMAX_DTYPES)}")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.logprobs is not None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dengine import LLM, SamplingParams
-from dengine.decoding import certainty_density
+from dengine.decoding import Decoder, certainty_density
 from dengine.scheduler.policies.d2cache import D2Cache, inflate, nucleus, rollout_importance
 from dengine.scheduler.policies import make_policy
 
@@ -44,7 +44,9 @@ def _sampler(family, sampler):
 ], ids=["dllm", "d2cache", "d2cache-frozen"])
 def test_refreshing_everything_equals_exact_decoding(folders, family, sampler, policy, config, seed):
     sampler = _sampler(family, sampler)
-    exact = _llm(folders[family]).generate(_prompt(seed), SamplingParams(**sampler), use_tqdm=False)[0]
+    # d2cache commits by confidence * density with its sigma (10) when the request sets none, as its authors run it
+    prior = {"sigma": 10.0} if policy == "d2cache" else {}
+    exact = _llm(folders[family]).generate(_prompt(seed), SamplingParams(**sampler, **prior), use_tqdm=False)[0]
     params = SamplingParams(**sampler, cache_config=config)
     out = _llm(folders[family], policy).generate(_prompt(seed), params, use_tqdm=False)[0]
     assert out.token_ids == exact.token_ids
@@ -70,7 +72,8 @@ def test_caches_compute_fewer_rows_and_reuse_changes_tokens_somewhere(folders, f
     sampler = SamplingParams(**_sampler(family, dict(gen_length=32, block_length=8, steps=32)))
     prompts = [_prompt(seed + i, 9) for i in range(24)]
     exact = _llm(folders[family]).generate(prompts, sampler, use_tqdm=False)
-    least = {"dllm": {"rho": 0.0, "kp": 1000, "kr": 1000}, "d2cache": {"current_k": 1, "rollout_p": 0.0}}
+    least = {"dllm": {"rho": 0.0, "kp": 1000, "kr": 1000},
+             "d2cache": {"current_k": 1, "rollout_p": 0.0, "certainty_prior": False}}  # the cache alone differs
     for policy, config in least.items():
         outs = _llm(folders[family], policy).generate(prompts, sampler, use_tqdm=False)
         assert all(o.metrics.avg_query_tokens < e.metrics.avg_query_tokens for o, e in zip(outs, exact))
@@ -128,11 +131,12 @@ def test_admission_counts_the_layer_outputs(folders):
 
 
 def test_certainty_density_by_hand():
-    # G = 2, known = [no, yes]: the canvas extends to j = -2..3 with known = [1, 1, 0, 1, 1, 1].
+    # G = 2, known = [no, yes]: the canvas extends to j = -2..3 with known = [1, 1, 0, 1, 1, 1]; the normaliser
+    # is the kernel's whole mass, over the offsets -6..5 (3G either side, the kernel d2Cache's reference builds)
     k = lambda d: math.exp(-(d**2) / 2)  # noqa: E731
     known = [1, 1, 0, 1, 1, 1]
-    expected = [sum(k(i - j) * m for j, m in zip(range(-2, 4), known)) / sum(k(i - j) for j in range(-2, 4))
-                for i in (0, 1)]
+    mass = sum(k(d) for d in range(-6, 6))
+    expected = [sum(k(i - j) * m for j, m in zip(range(-2, 4), known)) / mass for i in (0, 1)]
     got = certainty_density(torch.tensor([False, True]), sigma=1.0)
     assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
     # the right side is unknown while the last position is: density falls off towards the end
@@ -141,6 +145,35 @@ def test_certainty_density_by_hand():
     # a tiny sigma sees only the position itself
     mixed = torch.tensor([True, False, True, True, False, True])
     assert torch.allclose(certainty_density(mixed, sigma=0.05), mixed.double())
+
+
+def _official_density(known: torch.Tensor, sigma: float) -> torch.Tensor:
+    """d2Cache's certainty_density (src/utils/common.py) in float64: the extended canvas and a 6G circular
+    kernel multiplied in the Fourier domain, divided by the kernel convolved with ones (its whole mass)."""
+    g = known.numel()
+    padded = torch.nn.functional.pad(known.double(), (g, g), value=1.0)
+    if not bool(known[-1]):
+        padded[2 * g :] = 0.0
+    dist = torch.cat([torch.arange(3 * g), torch.arange(-3 * g, 0)]).double()
+    kernel = torch.fft.fft(torch.exp(-(dist**2) / (2 * sigma**2)), n=6 * g)
+    weighted = torch.fft.ifft(torch.fft.fft(torch.nn.functional.pad(padded, (0, 3 * g)), n=6 * g) * kernel).real
+    mass = torch.fft.ifft(torch.fft.fft(torch.ones(6 * g, dtype=torch.float64)) * kernel).real
+    return weighted[g : 2 * g] / mass[g : 2 * g]
+
+
+def test_certainty_density_is_normalised_by_the_whole_kernel_as_the_official_code(seed):
+    rng = random.Random(seed)
+    for g, sigma in [(24, 10.0), (256, 10.0), (7, 0.7), (40, 3.0), (5, 50.0)]:
+        known = torch.tensor([rng.random() < 0.5 for _ in range(g)])
+        for case in (known, torch.ones(g, dtype=torch.bool), torch.zeros(g, dtype=torch.bool)):
+            assert torch.allclose(certainty_density(case, sigma), _official_density(case, sigma), atol=1e-12)
+    # everything known: 1 where the window holds the whole kernel; at gen 24 and sigma 10 the edges lose ~0.7%
+    # of the mass (the previous normaliser, the mass inside the window, made them exactly 1)
+    edges = certainty_density(torch.ones(24, dtype=torch.bool), 10.0)
+    assert 0.99 < float(edges[0]) < 0.995 and float(edges[0]) == pytest.approx(float(edges[-1]))
+    assert float(edges[11]) > float(edges[0])
+    everything = torch.ones(256, dtype=torch.bool)
+    assert torch.allclose(certainty_density(everything, 10.0), everything.double())
 
 
 def test_rollout_importance_by_hand_and_against_the_dense_product(seed):
@@ -188,28 +221,76 @@ def test_d2cache_mask_selection_biases_the_block_and_ends_its_window_at_a_block_
     remaining = torch.tensor([0, 0, 0, 0, 0, 1, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
     confidence = torch.tensor([0, 0, 0, 0, 0, 0.01, 0, 0.8, 0.5, 0.9, 0.9, 0.9], dtype=torch.float64)
 
-    def choose(k):
+    def choose(k, unit=None, confidence=confidence):
         policy = D2Cache(D2Cache.parse_options({"current_k": k, "sigma": 1.0}))
         policy.confidence = confidence.clone()
-        return sorted(policy._choose_masks(seq, remaining).tolist())
+        return sorted(policy._choose_masks(seq, remaining, unit).tolist())
 
     # k 3: the window runs to the end of the block holding the 3rd mask (index 8), i.e. 4..11. Mask 5 is
     # the least confident but in the block; 8 beats the more confident 9..11 by density (nearer known 6).
     assert choose(3) == [5, 7, 8]
     assert choose(2) == [5, 7]  # the window is the block alone
     assert choose(100) == [5, 7, 8, 9, 10, 11]  # fewer masks than k: every one
+    # reference: the window ends at a multiple of the masks the block had before the step (here 3), 4..8, so
+    # an unconfident 8 is chosen where the block-aligned window prefers 9
+    unconfident = confidence.clone()
+    unconfident[8] = 0.001
+    assert choose(3, confidence=unconfident) == [5, 7, 9]
+    assert choose(3, unit=3, confidence=unconfident) == [5, 7, 8]
 
 
 def test_d2cache_confidence_is_updated_or_frozen_at_step_0():
     logits = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
-    for frozen in (False, True):
-        policy = D2Cache(D2Cache.parse_options({"frozen_confidence": frozen}))
-        policy._update_confidence(_fake_sequence(last_scored=(torch.tensor([2, 3]), logits)))
+    decoder = Decoder(SamplingParams(), "llada", 0, 1, None, torch.Generator())
+    for options, frozen in (({}, False), ({"frozen_confidence": True}, True), ({"reference": True}, True)):
+        policy = D2Cache(D2Cache.parse_options(options))
+        policy._update_confidence(_fake_sequence(decoder=decoder, last_scored=(torch.tensor([2, 3]), logits)))
         first = policy.confidence.clone()
         # MASK (id 0) is excluded: softmax over ids 1, 2
         assert first[:2].tolist() == pytest.approx([math.exp(2) / (math.exp(2) + 1), 0.5])
-        policy._update_confidence(_fake_sequence(last_scored=(torch.tensor([3]), logits[:1])))
+        policy._update_confidence(_fake_sequence(decoder=decoder, last_scored=(torch.tensor([3]), logits[:1])))
         assert policy.confidence[1].item() == pytest.approx(0.5 if frozen else first[0].item())
+
+
+def test_d2cache_confidence_is_the_samplers_top_probability():
+    """Decoder.top_probability: MASK (id 0) excluded; Dream's after temperature, top-p and top-k."""
+    logits = torch.tensor([[5.0, 2.0, 0.0, 1.0]])
+
+    def top(family, **params):
+        decoder = Decoder(SamplingParams(**params), family, 0, 3, None, torch.Generator())
+        return float(decoder.top_probability(logits)[0])
+
+    e = math.exp
+    assert top("llada") == pytest.approx(e(2) / (e(2) + 1 + e(1)))
+    assert top("dream") == top("dream", top_k=0) == pytest.approx(e(2) / (e(2) + 1 + e(1)), rel=1e-6)
+    assert top("dream", top_k=2) == pytest.approx(e(2) / (e(2) + e(1)), rel=1e-6)
+    assert top("dream", top_p=0.6) == 1.0  # the top token alone holds 0.67 >= 0.6
+    assert top("dream", temperature=2.0) == pytest.approx(e(1) / (e(1) + 1 + e(0.5)), rel=1e-6)
+
+
+def test_llada_softmax_in_float32_as_the_cache_papers_samplers():
+    """softmax_dtype float32: LLaDA's confidences and committed distributions from a float32 softmax, as the
+    dLLM-Cache and d2Cache samplers take them; float64 (LLaDA's generate.py) by default."""
+    logits = torch.randn(5, 40, dtype=torch.float64) * 4
+    for dtype in ("float64", "float32"):
+        decoder = Decoder(SamplingParams(softmax_dtype=dtype), "llada", 0, 3, None, torch.Generator())
+        outcome = decoder.step(torch.arange(5), logits, 0, head_only=False)
+        expected = logits.to(getattr(torch, dtype)).index_fill(1, torch.tensor([0]), -torch.inf).softmax(-1)
+        assert outcome.probs.dtype == expected.dtype
+        assert torch.equal(outcome.probs, expected[outcome.positions])
+        assert torch.allclose(decoder.top_probability(logits), expected.max(-1).values.double())
+    with pytest.raises(ValueError, match="softmax_dtype"):
+        SamplingParams(softmax_dtype="bfloat16")
+    with pytest.raises(ValueError, match="LLaDA-only"):
+        SamplingParams(softmax_dtype="float32").check_family("dream")
+
+
+def test_d2cache_turns_on_the_certainty_prior_unless_told_not_to():
+    assert make_policy("d2cache").default_sigma(SamplingParams()) == 10.0
+    assert make_policy("d2cache", {"sigma": 3.0}).default_sigma(SamplingParams()) == 3.0
+    assert make_policy("d2cache", {"certainty_prior": False}).default_sigma(SamplingParams()) is None
+    assert make_policy("d2cache").default_sigma(SamplingParams(remasking="origin")) is None  # no confidence
+    assert all(make_policy(name).default_sigma(SamplingParams()) is None for name in ("none", "entropy", "dllm"))
 
 
 def test_certainty_prior_decoding_commits_by_confidence_times_density(folders, seed):
@@ -257,3 +338,5 @@ def test_bad_options():
         make_policy("d2cache", {"current_k": 0})
     with pytest.raises(ValueError, match="unknown|not_an_option"):
         make_policy("d2cache", {"not_an_option": 1})
+    with pytest.raises(ValueError, match="frozen_confidence"):
+        make_policy("d2cache", {"reference": True, "frozen_confidence": False})

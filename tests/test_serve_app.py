@@ -303,7 +303,9 @@ def test_oversized_bodies_and_prompts_are_refused_before_tokenization(chat_folde
 def test_gauges_follow_the_engine_without_a_scrape_aborts_included(chat_folders):
     """The engine pushes its stats (as it does to Ray's export): running while decoding, 0 once aborted."""
     server = _server(chat_folders["llada"])
-    body = json.dumps({"prompt": "Add: a1 b2", "max_tokens": 384, "block_length": 8, "stream": True}).encode()
+    # the whole canvas (no early stop at an EOS), so the request is still decoding when the gauge is read
+    body = json.dumps({"prompt": "Add: a1 b2", "max_tokens": 384, "block_length": 8, "stream": True,
+                       "stop_at_eos": False}).encode()
 
     def running() -> float:
         return server.metrics.registry.get_sample_value("dengine_running_sequences",
@@ -659,3 +661,13 @@ def test_a_host_short_of_memory_refuses_new_requests_with_503_and_retry_after(ch
         assert server.engine.stats().waiting == 0 and server.engine.stats().running == 0
         free["bytes"] = total // 2
         assert c.post("/v1/completions", json={**body, "stream": False}).status_code == 200
+
+
+def test_sampler_options_of_the_official_frameworks_reach_the_engine(client):
+    """tokens_per_step (exactly N commits a step) and LLaDA's float32 softmax, as extra body fields."""
+    base = {"model": "tiny", "prompt": "Add: a2 b3", "max_tokens": 16, "block_length": 8, "stop_at_eos": False}
+    one = client.post("/v1/completions", json={**base, "tokens_per_step": 2}).json()
+    assert one["dengine"]["nfe"] == 8 and one["dengine"]["tokens_per_forward"] == 2
+    assert client.post("/v1/completions", json={**base, "softmax_dtype": "float32"}).status_code == 200
+    refused = client.post("/v1/completions", json={**base, "tokens_per_step": 2, "threshold": 0.9})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tokens_per_step"

@@ -82,6 +82,8 @@ class Sequence:
             params, config.model_type, self.mask_id, self.eos_id, eot_token_id, torch.Generator().manual_seed(seed)
         )
         self.decoder.start_block(params.resolved_block_length)
+        # certainty-prior decoding: the request's sigma, else its policy's default (d2cache: on, as its authors run it)
+        self.sigma = params.sigma if params.sigma is not None else policy.default_sigma(params)
         self.metrics = StepMetrics(time.perf_counter())
         self.stopped_at: int | None = None  # canvas index of the EOS that ended the request early
         self._masked: torch.Tensor | None = None
@@ -190,9 +192,9 @@ class Sequence:
             and (self.params.parallel or self.params.steps_per_block > 1)
         )
         density = None
-        if self.params.sigma is not None:
+        if self.sigma is not None:
             known = self.canvas[self.prompt_len :] != self.mask_id
-            density = certainty_density(known, self.params.sigma)[candidates - self.prompt_len]
+            density = certainty_density(known, self.sigma)[candidates - self.prompt_len]
         outcome = self.decoder.step(candidates, rows, self.block_step, head_only, density)
         self.canvas[outcome.positions] = outcome.tokens
         self._masked = None

@@ -6,8 +6,8 @@ max_completion_tokens, vLLM's ignore_eos) and otherwise accepted at their defaul
 at any other value (UNSUPPORTED; docs/serving.md has the table).
 
 Diffusion options ride along as extra body fields (the `extra_body` of OpenAI's Python client):
-gen_length, block_length, steps, threshold, factor, remasking (or Dream's name `alg`), alg_temp, sigma,
-cfg_scale, stop_at_eos, cache_policy, cache_config, `tau` / `k` as shorthands for the EntropyCache
+gen_length, block_length, steps, threshold, factor, tokens_per_step, softmax_dtype, remasking (or Dream's name
+`alg`), alg_temp, sigma, cfg_scale, stop_at_eos, cache_policy, cache_config, `tau` / `k` as shorthands for the EntropyCache
 options, and `trace` (the response then carries every denoising step; not with `stream`). OpenAI's
 `max_tokens` is the generation length: a diffusion model decodes a canvas of that many positions, so
 `max_tokens` and `gen_length` are the same field and giving both with different values is an error. It is a
@@ -103,6 +103,8 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     steps: int | None = None
     threshold: float | None = None
     factor: float | None = None
+    tokens_per_step: int | None = None  # exactly this many commits a step (Dream's exact one-token rule: 1)
+    softmax_dtype: str | None = None  # LLaDA: "float32" as the official samplers, "float64" (default)
     remasking: str | None = None
     alg: str | None = None
     alg_temp: float | None = None
@@ -151,7 +153,7 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         changes["stop_at_eos"] = stop_at_eos and not self.ignore_eos
         changes["logprobs"] = wanted
         for name in ("block_length", "steps", "temperature", "top_p", "top_k", "seed", "threshold", "factor",
-                     "alg_temp", "sigma", "cfg_scale", "cache_policy", "trace"):
+                     "tokens_per_step", "softmax_dtype", "alg_temp", "sigma", "cfg_scale", "cache_policy", "trace"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value

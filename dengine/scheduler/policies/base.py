@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Protocol
 import msgspec
 import torch
 
-from dengine.decoding import StepOutcome
+from dengine.decoding import Decoder, StepOutcome
 from dengine.sampling_params import SamplingParams
 from dengine.trace import Decision
 
@@ -22,6 +22,7 @@ class SequenceView(Protocol):
     mask_id: int
     logit_shift: int
     block_step: int
+    decoder: Decoder  # its sampler (d2Cache takes a mask's confidence from it)
     # d2Cache: the last step's scored masks and their logits; its computed rows and their attention per layer
     last_scored: tuple[torch.Tensor, torch.Tensor] | None
     last_attention: tuple[torch.Tensor, list[torch.Tensor]] | None
@@ -66,6 +67,10 @@ class CachePolicy:
             return msgspec.convert(config or {}, cls.Options)
         except (msgspec.ValidationError, ValueError) as exc:
             raise ValueError(f"cache_config for policy {cls.name!r}: {exc}") from None
+
+    def default_sigma(self, params: SamplingParams) -> float | None:
+        """The certainty-prior sigma a request decodes with when it sets none (None: by confidence alone)."""
+        return None
 
     def plan(self, seq: SequenceView) -> torch.Tensor | None:
         """Positions to recompute this step (None: all). The engine adds the positions it must score."""

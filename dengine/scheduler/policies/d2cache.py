@@ -13,10 +13,18 @@ periodic refresh:
    other positions whose normalised importance mass stays <= rollout_p (at least one; rollout_p >= 1: all).
 3. inflate_w > 0: every gap between two chosen positions at most inflate_w apart is filled.
 
-Commits happen only among the masks whose logits were computed. Confidence is the top-1 probability (MASK
-excluded) of the last computation of each mask. The reference code never updates its confidence after step 0
-(a precedence bug; its published numbers were made so): frozen_confidence=True reproduces that. dengine's
-default updates each mask's confidence whenever its logits are computed, as the paper describes the method.
+Commits happen only among the masks whose logits were computed. A mask's confidence is the top probability of
+the distribution the sampler draws from (Decoder.top_probability) at the last computation of its logits.
+With certainty_prior (the default, as the authors run d2Cache) a request that sets no sigma also commits by
+confidence * density with the policy's sigma.
+
+reference=True reproduces the official code (Kamichanw/d2Cache) where it departs from the method:
+* its stored confidence is the step-0 value, never updated (an operator-precedence slip and a write into a
+  copy; frozen_confidence=True keeps only this);
+* it narrows the block to the masks left before the step, so the search window ends at a multiple of that
+  count rather than of the block length;
+* on Dream it sets the row before the first generated position (which scores it) only after the rollout
+  nucleus is chosen, so that row stays among the nucleus's candidates and is then set or cleared.
 """
 
 from __future__ import annotations
@@ -36,7 +44,18 @@ class D2CacheOptions(msgspec.Struct, forbid_unknown_fields=True):
     current_k: Annotated[int, msgspec.Meta(ge=1)] = 32
     sigma: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
     inflate_w: Annotated[int, msgspec.Meta(ge=0)] = 0
-    frozen_confidence: bool = False
+    certainty_prior: bool = True  # a request without sigma commits by confidence * density with this sigma
+    frozen_confidence: bool | None = None  # None: frozen exactly when reference is set
+    reference: bool = False  # the official code's departures from the method (module docstring)
+
+    def __post_init__(self) -> None:
+        if self.reference and self.frozen_confidence is False:
+            raise ValueError("reference reproduces the official code, whose confidence is frozen at step 0: "
+                             "frozen_confidence false contradicts it")
+
+    @property
+    def frozen(self) -> bool:
+        return self.reference or bool(self.frozen_confidence)
 
 
 def rollout_importance(rows: torch.Tensor, layers: list[torch.Tensor], length: int) -> torch.Tensor:
@@ -91,6 +110,11 @@ class D2Cache(CachePolicy):
         self.selected: torch.Tensor | None = None  # next step's rows; None: a full forward
         self.confidence: torch.Tensor | None = None  # [G] of the generated positions
 
+    def default_sigma(self, params) -> float | None:
+        if not self.options.certainty_prior or params.remasking == "origin":
+            return None
+        return self.options.sigma
+
     def plan(self, seq) -> torch.Tensor | None:
         return self.selected
 
@@ -98,12 +122,20 @@ class D2Cache(CachePolicy):
         o, p = self.options, seq.prompt_len
         self._update_confidence(seq)
         remaining = seq.canvas[p:] == seq.mask_id
-        masks = self._choose_masks(seq, remaining) + p
+        # The search window ends at a multiple of the block length; the official code's, of the masks the block
+        # had before this step (its commits all lie in the block).
+        unit = seq.masked_in_block().numel() + outcome.positions.numel() if o.reference else None
+        masks = self._choose_masks(seq, remaining, unit) + p
+        rows = masks - seq.logit_shift
+        late_row = o.reference and seq.logit_shift > 0  # official: row p - 1 is set after the nucleus
         chosen = torch.zeros(seq.num_tokens, dtype=torch.bool)
-        chosen[(masks - seq.logit_shift).clamp_min(0)] = True
+        chosen[rows[rows >= p] if late_row else rows.clamp_min(0)] = True
         chosen[outcome.positions] = True
-        rows, layers = seq.last_attention
-        chosen[nucleus(rollout_importance(rows, layers, seq.num_tokens), ~chosen, o.rollout_p)] = True
+        attention_rows, layers = seq.last_attention
+        importance = rollout_importance(attention_rows, layers, seq.num_tokens)
+        chosen[nucleus(importance, ~chosen, o.rollout_p)] = True
+        if late_row:
+            chosen[p - 1] = bool((rows == p - 1).any())
         if o.inflate_w:
             chosen = inflate(chosen, o.inflate_w)
         self.selected = chosen.nonzero().flatten()
@@ -115,16 +147,17 @@ class D2Cache(CachePolicy):
 
     def _update_confidence(self, seq) -> None:
         positions, logits = seq.last_scored
-        if self.confidence is not None and self.options.frozen_confidence:
-            return
         if self.confidence is None:
             self.confidence = torch.zeros(seq.num_tokens - seq.prompt_len, dtype=torch.float64)
-        logits = logits.float().index_fill(1, torch.tensor([seq.mask_id]), -torch.inf)
-        self.confidence[positions - seq.prompt_len] = logits.softmax(-1).max(-1).values.double()
+        elif self.options.frozen:
+            return
+        self.confidence[positions - seq.prompt_len] = seq.decoder.top_probability(logits)
 
-    def _choose_masks(self, seq, remaining: torch.Tensor) -> torch.Tensor:
-        """Stage 1: indices into the generated region of the masks to compute next."""
-        k, size = self.options.current_k, seq.params.resolved_block_length
+    def _choose_masks(self, seq, remaining: torch.Tensor, unit: int | None = None) -> torch.Tensor:
+        """Stage 1: indices into the generated region of the masks to compute next; the search window ends at
+        a multiple of unit (None: the block length)."""
+        k = self.options.current_k
+        unit = unit or seq.params.resolved_block_length
         if not bool(remaining.any()):
             return torch.zeros(0, dtype=torch.long)
         scores = self.confidence * certainty_density(~remaining, self.options.sigma)
@@ -133,6 +166,6 @@ class D2Cache(CachePolicy):
         counted = remaining.cumsum(0)
         reach = int((counted >= k).nonzero()[0]) if int(counted[-1]) >= k else remaining.numel() - 1
         window = torch.zeros_like(remaining)
-        window[block.start : (reach // size + 1) * size] = True
+        window[block.start : (reach // unit + 1) * unit] = True
         eligible = (window & remaining).nonzero().flatten()
         return eligible[scores[eligible].topk(min(k, eligible.numel())).indices]

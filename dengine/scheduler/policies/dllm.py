@@ -9,8 +9,9 @@ least similar to the cached V (cosine, per layer) recompute Q, K, attention and 
 cached outputs to the residual stream. A prompt that does not refresh is not computed at all (its K and V are
 read from the cache; only Dream's scoring row before the first response position joins, reusing its outputs).
 
-Published settings (LLaDA-8B-Instruct): GSM8K kp 50, kr 7; HumanEval kp 25, kr 5; the reference default
-kp 50, kr 4 with rho 0.25, which dengine ships.
+Defaults kp 50, kr 4, rho 0.25: the fallback of the comparison d2Cache published. The dLLM-Cache authors tune
+kp / kr per task and model (e.g. LLaDA-8B-Instruct GSM8K 50 / 7, HumanEval 25 / 5; their demos 100 / 7):
+docs/sampling.md lists them against the official code.
 """
 
 from __future__ import annotations
