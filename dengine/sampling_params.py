@@ -49,6 +49,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     confidence_eos_eot_inf: bool = False  # LLaDA: EOS / EOT never count as confident
     softmax_dtype: str = "float64"  # LLaDA: the confidences' softmax; "float32" as dLLM-Cache's and d2Cache's samplers
     stop_at_eos: bool = False
+    min_tokens: int = 0  # EOS and end of turn cannot be committed at the first min_tokens generated positions
     seed: int | None = None
     cache_policy: str | None = None  # None: the engine's policy
     cache_config: dict[str, Any] | None = None
@@ -108,6 +109,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"softmax_dtype {self.softmax_dtype!r} is unknown; choose one of {list(SOFTMAX_DTYPES)}")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        _check_int("min_tokens", self.min_tokens, minimum=0, maximum=self.gen_length)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0, maximum=MAX_LOGPROBS)
         if self.cache_config is not None and not isinstance(self.cache_config, dict):

@@ -167,7 +167,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True}, "logprobs"),  # the prompt's: undefined
-    ("/v1/completions", {"prompt": "x", "min_tokens": 4}, "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8, "min_tokens": 9}, "min_tokens"),
     ("/v1/completions", {"prompt": "x", "ignore_eos": True, "stop_at_eos": True}, "ignore_eos"),
     ("/v1/completions", {"prompt": "x", "cache_policy": "nonsense"}, "cache_policy"),
     ("/v1/completions", {"prompt": "x", "cache_policy": "dual", "tau": 0.3}, None),
@@ -671,3 +671,21 @@ def test_sampler_options_of_the_official_frameworks_reach_the_engine(client):
     assert client.post("/v1/completions", json={**base, "softmax_dtype": "float32"}).status_code == 200
     refused = client.post("/v1/completions", json={**base, "tokens_per_step": 2, "threshold": 0.9})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "tokens_per_step"
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_min_tokens_keeps_the_answer_from_ending_early(chat_folders, family, seed):
+    """The near-random test models end most answers at once; with min_tokens no EOS / end of turn is committed
+    before that many generated positions, whatever order the canvas commits in, and usage counts them."""
+    server = OpenAIServer(AsyncLLMEngine(_engine(chat_folders[family])), "tiny", DEFAULTS)
+    body = {"prompt": "Add: a4 b4", "max_tokens": 32, "block_length": 8, "temperature": 1.0, "threshold": 0.5,
+            "stop_at_eos": False}
+    stops = server.stop_ids
+    with TestClient(create_app(server)) as c:
+        for s in range(seed % 1000, seed % 1000 + 6):
+            minimum = random.Random(s).randint(1, 32)
+            response = c.post("/v1/completions", json={**body, "seed": s, "min_tokens": minimum, "trace": True}).json()
+            tokens = response["trace"]["token_ids"]
+            first_stop = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+            assert first_stop >= minimum, (minimum, tokens)
+            assert response["usage"]["completion_tokens"] >= minimum

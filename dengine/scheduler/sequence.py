@@ -191,6 +191,8 @@ class Sequence:
             and self.policy.commits_block_head_at_refresh
             and (self.params.parallel or self.params.steps_per_block > 1)
         )
+        if self.params.min_tokens:
+            rows = self._forbid_early_end(candidates, rows)
         density = None
         if self.sigma is not None:
             known = self.canvas[self.prompt_len :] != self.mask_id
@@ -237,6 +239,17 @@ class Sequence:
                                                   top_ids, top_probs):
             self.logprobs[position - self.prompt_len] = TokenLogprob(
                 token_id=token, logprob=_log(p), top=[(t, _log(q)) for t, q in zip(ids, probs)])
+
+    def _forbid_early_end(self, candidates: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """min_tokens: the rows of the first min_tokens generated positions with EOS and end of turn excluded, so
+        an answer is at least that long wherever the canvas commits first."""
+        early = (candidates - self.prompt_len) < self.params.min_tokens
+        if not bool(early.any()):
+            return rows
+        stops = torch.tensor([t for t in (self.eos_id, self.eot_id) if t is not None])
+        rows = rows.clone()
+        rows[early.nonzero().flatten()[:, None], stops] = -torch.inf
+        return rows
 
     def _answer_is_fixed(self) -> bool:
         """True once an EOS is committed with every generated position before it committed."""

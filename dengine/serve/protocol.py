@@ -42,8 +42,6 @@ UNSUPPORTED = (
     ("best_of", "it ranks answers by their likelihood as a left-to-right sequence, which a diffusion model's "
                 "commit order does not give (n returns every answer)"),
     ("suffix", "the model has no infilling template"),
-    ("min_tokens", "a diffusion model places EOS anywhere in its canvas; a minimum would need EOS masked per "
-                   "position"),
     ("tools", NO_TOOLS),
     ("tool_choice", NO_TOOLS),
     ("parallel_tool_calls", NO_TOOLS),
@@ -152,6 +150,8 @@ class DiffusionFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         stop_at_eos = SERVER_STOPS_AT_EOS if self.stop_at_eos is None else self.stop_at_eos
         changes["stop_at_eos"] = stop_at_eos and not self.ignore_eos
         changes["logprobs"] = wanted
+        if self.min_tokens:
+            changes["min_tokens"] = self.min_tokens
         for name in ("block_length", "steps", "temperature", "top_p", "top_k", "seed", "threshold", "factor",
                      "tokens_per_step", "softmax_dtype", "alg_temp", "sigma", "cfg_scale", "cache_policy", "trace"):
             value = getattr(self, name)
