@@ -34,7 +34,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 from tqdm.auto import tqdm
@@ -78,12 +78,36 @@ class BatchOutput(msgspec.Struct):
     error: BatchError | None
 
 
+class Answered(NamedTuple):
+    """One input line's result: its custom_id (None if it has none), the output line, whether it succeeded."""
+
+    custom_id: str | None
+    output: bytes
+    ok: bool
+
+
+def parse_line(line: str) -> tuple[str | None, BatchRequest | str]:
+    """The line's custom_id (whatever else is wrong with it), and the request or why the line is not one; the
+    JSON is decoded once."""
+    try:
+        value = msgspec.json.decode(line)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        return None, str(exc)
+    try:
+        return _custom_id(value), msgspec.convert(value, BatchRequest)
+    except msgspec.ValidationError as exc:
+        return _custom_id(value), str(exc)
+
+
 def custom_id_of(line: str) -> str | None:
     """The line's custom_id if it has one (for duplicates and resume), whatever else is wrong with it."""
     try:
-        value = msgspec.json.decode(line)
+        return _custom_id(msgspec.json.decode(line))
     except (msgspec.DecodeError, RecursionError):
         return None
+
+
+def _custom_id(value: Any) -> str | None:
     custom_id = value.get("custom_id") if isinstance(value, dict) else None
     return custom_id if isinstance(custom_id, str) else None
 
@@ -136,33 +160,27 @@ class BatchAnswerer:
         self.server = OpenAIServer(self.engine, model_name or served_name(model),
                                    SamplingParams(**(defaults or default_lengths(folder))), memory_floor=0)
 
-    async def answer(self, line: str) -> bytes:
-        """The output line (without its newline) of one input line."""
-        custom_id = custom_id_of(line)
-        try:
-            request = msgspec.json.decode(line, type=BatchRequest)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
-            return output_line(custom_id, None, BatchError("invalid_request", f"not a batch request line: {exc}"))
+    async def answer(self, line: str) -> Answered:
+        """The result of one input line."""
+        custom_id, request = parse_line(line)
+        if isinstance(request, str):
+            error = BatchError("invalid_request", f"not a batch request line: {request}")
+            return Answered(custom_id, output_line(custom_id, None, error), False)
         request_id = f"req_{uuid.uuid4().hex}"
         if request.body.get("stream"):
-            error = p.RequestError("stream is not available in a batch; results are written whole", param="stream")
-            return output_line(custom_id, BatchResponse(error.status, request_id, msgspec.Raw(p.error_body(error))))
-        endpoint = ENDPOINTS[request.url]
-        response = await self.server.respond(endpoint, msgspec.json.encode(request.body))
-        return output_line(custom_id, BatchResponse(response.status_code, request_id, msgspec.Raw(response.body)))
+            refused = p.RequestError("stream is not available in a batch; results are written whole", param="stream")
+            response = BatchResponse(refused.status, request_id, msgspec.Raw(p.error_body(refused)))
+        else:
+            answer = await self.server.respond(ENDPOINTS[request.url], msgspec.json.encode(request.body))
+            response = BatchResponse(answer.status_code, request_id, msgspec.Raw(answer.body))
+        return Answered(custom_id, output_line(custom_id, response), response.status_code == 200)
 
-    async def answer_all(self, lines: list[str]) -> list[bytes]:
+    async def answer_all(self, lines: list[str]) -> list[Answered]:
         return list(await asyncio.gather(*(self.answer(line) for line in lines)))
 
 
 def output_line(custom_id: str | None, response: BatchResponse | None, error: BatchError | None = None) -> bytes:
     return msgspec.json.encode(BatchOutput(f"batch_req_{uuid.uuid4().hex}", custom_id, response, error))
-
-
-def failed(output: bytes) -> bool:
-    """Whether an output line records an error (a refused request or a line that was not one)."""
-    record = msgspec.json.decode(output)
-    return record["error"] is not None or record["response"]["status_code"] != 200
 
 
 def default_lengths(folder: Path) -> dict[str, int]:
@@ -176,7 +194,7 @@ def default_lengths(folder: Path) -> dict[str, int]:
 class OpenAIBatchProcessor:
     """A Ray Data stage: `ds.map_batches(OpenAIBatchProcessor, fn_constructor_kwargs={"model": ...},
     concurrency=N)` over rows whose `text` is a batch input line (as `ray.data.read_text` gives them) returns rows
-    with `custom_id` and `output`, the OpenAI batch output line. One engine per actor, built once."""
+    with `custom_id`, `output` (the OpenAI batch output line), `ok` (answered with status 200) and `node`. One engine per actor, built once."""
 
     def __init__(self, model: str | None = None, engine_kwargs: dict[str, Any] | None = None,
                  defaults: dict[str, Any] | None = None, model_name: str | None = None,
@@ -195,10 +213,9 @@ class OpenAIBatchProcessor:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        lines = [str(line) for line in batch["text"]]
-        outputs = self._run(self.answerer.answer_all(lines))
-        return {"custom_id": [custom_id_of(line) for line in lines], "output": [o.decode() for o in outputs],
-                "node": [self.node] * len(lines)}
+        answers = self._run(self.answerer.answer_all([str(line) for line in batch["text"]]))
+        return {"custom_id": [a.custom_id for a in answers], "output": [a.output.decode() for a in answers],
+                "ok": [a.ok for a in answers], "node": [self.node] * len(answers)}
 
 
 async def _build(model, engine_kwargs, defaults, model_name) -> BatchAnswerer:
@@ -227,14 +244,14 @@ class ResultWriter:
         self.bar = tqdm(total=total, initial=len(done), desc="run-batch", unit="row", disable=not use_tqdm,
                         dynamic_ncols=True)
 
-    def write(self, custom_id: str | None, output: bytes) -> None:
-        if custom_id is not None:
-            if custom_id in self.done:  # a retried batch's row that was already written
+    def write(self, answered: Answered) -> None:
+        if answered.custom_id is not None:
+            if answered.custom_id in self.done:  # a retried batch's row that was already written
                 return
-            self.done.add(custom_id)
-        self.file.write(output + b"\n")
+            self.done.add(answered.custom_id)
+        self.file.write(answered.output + b"\n")
         self.file.flush()
-        self.errors += failed(output)
+        self.errors += not answered.ok
         self.written += 1
         if self.first_at is None:
             self.first_at = time.perf_counter()
@@ -257,7 +274,7 @@ async def run_local(answerer: BatchAnswerer, lines: Iterable[str], writer: Resul
 
     async def worker() -> None:
         for line in queue:
-            writer.write(custom_id_of(line), await answerer.answer(line))
+            writer.write(await answerer.answer(line))
 
     await asyncio.gather(*(worker() for _ in range(in_flight)))
 
@@ -292,7 +309,7 @@ def run_ray(input_path: Path, done: set[str], writer: ResultWriter, model: str |
                                                    "model_name": model_name, "num_threads": threads})
     nodes: Counter[str] = Counter()
     for row in ds.iter_rows():
-        writer.write(row["custom_id"], row["output"].encode())
+        writer.write(Answered(row["custom_id"], row["output"].encode(), bool(row["ok"])))
         nodes[row["node"]] += 1
     return dict(nodes)
 
