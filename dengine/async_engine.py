@@ -61,6 +61,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     generated_tokens: int
     full_recomputes: int
     finished_requests: int
+    aborted_requests: int = 0  # ended before finishing: client gone, router dead, cut off at a shutdown
 
 
 class _Stream:
@@ -84,7 +85,7 @@ class AsyncLLMEngine:
         self._aborts: list[str] = []
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._steps = self._tokens = self._recomputes = self._finished = 0
+        self._steps = self._tokens = self._recomputes = self._finished = self._aborted = 0
         self.on_stats: Callable[[EngineStats], None] | None = None
         self._stats_time = 0.0
         self._stats_changed = False
@@ -163,6 +164,7 @@ class AsyncLLMEngine:
         if stream is None or stream.done:
             return
         stream.done = True
+        self._aborted += 1
         if stream in self._pending:
             self._pending.remove(stream)
         else:
@@ -181,6 +183,7 @@ class AsyncLLMEngine:
             generated_tokens=self._tokens,
             full_recomputes=self._recomputes,
             finished_requests=self._finished,
+            aborted_requests=self._aborted,
         )
 
     @property

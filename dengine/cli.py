@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from dengine.cli_args import DefaultsHelpFormatter
+from dengine.cli_args import DefaultsHelpFormatter, positive_int
 
 
 BENCHMARKS = {"accuracy": "dengine.bench.accuracy", "policies": "dengine.bench.policies",
@@ -112,8 +112,8 @@ def _serve(args: argparse.Namespace, defaults: dict, engine_kwargs: dict) -> Non
     from dengine.serve.deployment import build_app
     from dengine.tasks import task_of_folder
 
-    app = build_app(args.model, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                    model_name=args.served_model_name, defaults=defaults, **engine_kwargs)
+    app = build_app(args.model, replicas=args.replicas, routers=args.routers, num_cpus=args.num_cpus,
+                    num_gpus=args.num_gpus, model_name=args.served_model_name, defaults=defaults, **engine_kwargs)
     # a busy machine starts Serve's HTTP proxy slowly; Serve's default 5 s readiness check would kill it
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     quiet_ray_logs()
@@ -180,7 +180,8 @@ def _drain(grace_s: float) -> None:
 
     print(f"dengine: stopping; new requests get 503, requests in flight have {grace_s:g} s to finish", flush=True)
     try:
-        left = serve.get_app_handle("dengine").drain.remote(grace_s).result(timeout_s=grace_s + 30)
+        control = serve.get_deployment_handle("control", "dengine")  # tells every router
+        left = control.drain.remote(grace_s).result(timeout_s=grace_s + 30)
     except KeyboardInterrupt:  # the second Ctrl-C: stop now, and let no further one cut the stop itself short
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("dengine: interrupted again; requests still in flight are cut off", flush=True)
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="log a line per request from the HTTP proxy and the replicas (Ray Serve's access log)")
     serve.add_argument("--grace-period", type=float, default=30.0,
                        help="seconds requests in flight get to finish on SIGTERM / Ctrl-C (default 30)")
+    serve.add_argument("--routers", type=positive_int, default=2,
+                       help="router replicas (the HTTP ingress; with two or more the service outlives one's death)")
 
     batch = commands.add_parser(
         "run-batch", help="an OpenAI batch file (JSONL requests in, JSONL results out), resumable",

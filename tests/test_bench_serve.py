@@ -104,3 +104,40 @@ def test_chaos_clients_count_abandoned_requests_apart_and_lose_none_on_a_healthy
     assert "lost" not in statuses, [o.error for o in outcomes]
     assert statuses.count("ok") + statuses.count("abandoned") == 12 and "ok" in statuses
     assert all(o.latency_s > 0 for o in outcomes if o.status == "ok")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chaos_clients_retry_as_openais_sdk_does(stream):
+    """A 500 and a stream cut before [DONE] are sent again (up to --client-retries times), a 400 is not."""
+    import asyncio
+
+    import httpx
+
+    from dengine.bench import chaos
+
+    answers = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answers.append(request)
+        if "bad" in request.content.decode():
+            return httpx.Response(400, json={"error": {"message": "bad"}})
+        if len(answers) == 1:
+            return httpx.Response(500, text="Internal Server Error")
+        if len(answers) == 2 and stream:  # cut after one event, as a dead router's stream is
+            return httpx.Response(200, content=b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n')
+        if stream:
+            return httpx.Response(200, content=b'data: {"choices": [{"delta": {"content": "ok"}}]}\n\ndata: [DONE]\n\n')
+        return httpx.Response(200, json={"choices": [{"message": {"content": "ok"}}]})
+
+    async def run(body, retries):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await chaos.request_with_retries(client, "http://x", body, None, retries)
+
+    body = {"messages": [], "stream": stream}
+    outcome = asyncio.run(run(body, 2))
+    assert (outcome.status, outcome.text, outcome.retries) == ("ok", "ok", 2 if stream else 1)
+    answers.clear()
+    assert asyncio.run(run(body, 0)).status == "lost"
+    answers.clear()
+    refused = asyncio.run(run({**body, "bad": True}, 2))
+    assert refused.status == "lost" and refused.retries == 0 and len(answers) == 1

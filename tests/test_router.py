@@ -211,3 +211,16 @@ def test_requests_still_in_flight_when_the_grace_period_ends_get_an_error_and_ar
     assert json.loads(rest[0][len(b"data: "):])["error"]["code"] == "shutting_down"
     assert whole.status_code == 503 and json.loads(whole.body)["error"]["code"] == "shutting_down"
     assert relay.in_flight == 0 and sorted(cancelled) == ["chat_completions", "completions"]
+
+
+def test_the_relay_sentinels_keep_their_identity_through_pickling():
+    """Serve pickles the deployment classes by value (their module's names are the Deployments), with the globals
+    they use: an `object()` sentinel would arrive as a new object in a replica, `part is CUT` would never hold,
+    and an engine replica whose router died would spin yielding it."""
+    cloudpickle = pytest.importorskip("cloudpickle")
+    from dengine.serve.router import CUT, END
+
+    for sentinel in (CUT, END):
+        assert cloudpickle.loads(cloudpickle.dumps(sentinel)) is sentinel
+    deployment = pytest.importorskip("dengine.serve.deployment")
+    assert b"_make_skeleton_class" in cloudpickle.dumps(deployment.EngineReplica.func_or_class)  # by value, as said

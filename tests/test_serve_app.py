@@ -689,3 +689,45 @@ def test_min_tokens_keeps_the_answer_from_ending_early(chat_folders, family, see
             first_stop = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
             assert first_stop >= minimum, (minimum, tokens)
             assert response["usage"]["completion_tokens"] >= minimum
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_engine_replica_aborts_the_requests_of_a_router_that_died(chat_folders, stream):
+    """EngineReplica.call (no Serve) reading for two routers: when one dies, its request ends and its engine work is
+    aborted within the watch period; the other router's request decodes to the end, untouched."""
+    deployment = pytest.importorskip("dengine.serve.deployment")
+    cls = deployment.EngineReplica.func_or_class
+    engine = AsyncLLMEngine(_engine(chat_folders["llada"], max_num_seqs=4))
+    dead: set[str] = set()
+    replica = cls.__new__(cls)
+    replica.engine = engine
+    replica.server = OpenAIServer(engine, "tiny", DEFAULTS)
+    replica.routers = deployment.RouterWatch(lambda router: router not in dead, period_s=0.05)
+    body = json.dumps({"prompt": "Add: a3 b4", "max_tokens": 480, "block_length": 8, "stream": stream,
+                       "stop_at_eos": False, "seed": 1}).encode()
+
+    async def read(router: str) -> list:
+        return [part async for part in replica.call("completions", body, "cmpl-x", 1, router)]
+
+    async def scenario():
+        survivor = asyncio.ensure_future(read("alive"))
+        orphan = asyncio.ensure_future(read("doomed"))
+        while engine.stats().steps < 3:
+            await asyncio.sleep(0.01)
+        dead.add("doomed")
+        orphan_parts = await asyncio.wait_for(orphan, 5)
+        while engine.stats().running > 1:  # the engine loop applies the abort at its next step
+            await asyncio.sleep(0.01)
+        aborted_at = engine.stats().steps
+        return orphan_parts, await survivor, aborted_at, engine.stats()
+
+    orphan_parts, survivor_parts, aborted_at, final = asyncio.run(scenario())
+    assert aborted_at < 100  # the orphan's engine work stopped long before its 480 steps
+    if stream:
+        assert not any(part == b"data: [DONE]\n\n" for part in orphan_parts)
+        assert survivor_parts[-1] == b"data: [DONE]\n\n"
+    else:
+        assert orphan_parts == []  # it never got to answer
+        assert json.loads(survivor_parts[-1])["usage"]["completion_tokens"] == 480
+    assert final.running == 0 and final.kv_blocks_used == 0
+    assert replica.routers.readers == {} and replica.routers.died == {}

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from dengine.serve.deployment import build_app  # noqa: E402
 
 ENGINE = {"dtype": "float32", "kv_cache_memory": 1 << 22, "block_size": 8, "cache_policy": "entropy"}
 DEFAULTS = {"gen_length": 32, "block_length": 8}
+ROUTERS = 2
 
 
 def _free_port() -> int:
@@ -39,10 +41,11 @@ def _replicas() -> list[str]:
 
 def _running_replicas() -> dict:
     app = serve.status().applications.get("dengine")
-    if app is None or not {"dengine", "engine"} <= set(app.deployments):
+    if app is None or not {"dengine", "engine", "control"} <= set(app.deployments):
         return {}
-    if app.deployments["dengine"].replica_states != {"RUNNING": 1}:
-        return {"router": dict(app.deployments["dengine"].replica_states)}
+    for name, running in (("dengine", ROUTERS), ("control", 1)):
+        if app.deployments[name].replica_states != {"RUNNING": running}:
+            return {name: dict(app.deployments[name].replica_states)}
     return dict(app.deployments["engine"].replica_states)
 
 
@@ -74,8 +77,8 @@ def cluster():
 def url(cluster, chat_folders):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(str(chat_folders["llada"]), replicas=2, num_cpus=0.5, model_name="tiny", defaults=DEFAULTS,
-                    **ENGINE)
+    app = build_app(str(chat_folders["llada"]), replicas=2, routers=ROUTERS, num_cpus=0.5, model_name="tiny",
+                    defaults=DEFAULTS, **ENGINE)
     serve.run(app, name="dengine", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     _wait_healthy(base, 2)
@@ -178,10 +181,69 @@ def test_killing_a_replica_with_requests_in_flight_loses_none_and_resumed_stream
                              seed=b["seed"], cache_policy=b["cache_policy"]) for b in bodies]
     expected = reference.generate([b["prompt"] for b in bodies], params, use_tqdm=False)
     assert texts == [o.text for o in expected]
-    stats = serve.get_app_handle("dengine").stats.remote().result()
-    assert stats["resumed_streams"] >= 1 and stats["in_flight"] == 0, stats
+    stats = serve.get_deployment_handle("control", "dengine").stats.remote().result()
+    assert stats["resumed_streams"] >= 1 and stats["in_flight"] == 0 and stats["routers"] == ROUTERS, stats
     _wait_healthy(url, 2)
     assert victim not in _replicas()
+
+
+def _engine_totals(url: str) -> dict[str, int]:
+    """The engine replicas' counters summed (GETs land on any replica; ask until both answered)."""
+    seen: dict[str, dict] = {}
+    deadline = time.time() + 60
+    while len(seen) < 2 and time.time() < deadline:
+        body = requests.get(f"{url}/health", timeout=10).json()
+        seen[body["replica"]] = body["engine"]
+    return {key: sum(stats[key] for stats in seen.values()) for key in ("running", "aborted_requests")}
+
+
+def test_a_killed_router_leaves_the_service_up_and_the_engines_abort_its_requests(url):
+    """Two routers; one is killed (SIGKILL) while it holds long streams: streams through the other router finish,
+    new requests are answered, the killed router's streams are cut (never a silent [DONE]), and the engines abort
+    the requests it held within seconds instead of decoding them to the end (480 steps each)."""
+    control = serve.get_deployment_handle("control", "dengine")
+    routers = control.routers.remote().result()
+    assert len(routers) == ROUTERS, routers
+    aborted_before = _engine_totals(url)["aborted_requests"]
+    streams = []
+    for i in range(12):  # until both routers hold some
+        body = {"prompt": "Add: a3 b4", "max_tokens": 480, "block_length": 8, "stream": True, "stop_at_eos": False,
+                "seed": i}
+        response = requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=300)
+        lines = response.iter_lines(decode_unicode=True)
+        first = next(line for line in lines if line)
+        streams.append((response.headers["X-Dengine-Router"], response, lines, first))
+        if len({router for router, *_ in streams}) == 2 and len(streams) >= 4:
+            break
+    victim = streams[0][0]
+    name = f"SERVE_REPLICA::dengine#dengine#{victim}"
+    os.kill(routers[name]["pid"], signal.SIGKILL)
+    killed = time.time()
+    statuses = []
+    while time.time() < killed + 10:  # new requests while Serve notices the death
+        response = requests.post(f"{url}/v1/completions", json={"prompt": "Add: a1 b2", "max_tokens": 8}, timeout=60)
+        statuses.append((round(time.time() - killed, 2), response.status_code))
+    cut = finished = 0
+    for router, response, lines, first in streams:
+        try:
+            rest = [line for line in lines if line]
+        except requests.RequestException:
+            rest = None
+        if router == victim:
+            assert rest is None or rest[-1:] != ["data: [DONE]"], "a stream of the dead router ended as if whole"
+            cut += 1
+        else:
+            assert rest is not None and rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)
+            finished += 1
+    print("statuses after the kill", statuses)
+    assert cut >= 1 and finished >= 1
+    deadline = time.time() + 30
+    while (totals := _engine_totals(url))["running"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert totals["running"] == 0
+    assert totals["aborted_requests"] - aborted_before >= cut, (totals, cut)
+    _wait_healthy(url, 2)
+    assert name not in {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
 
 
 def test_data_parallel_matches_a_single_replica(cluster, chat_folders, seed):

@@ -1,19 +1,28 @@
-"""Chaos soak: sustained load on a Serve deployment while clients walk away and one engine replica is killed.
+"""Chaos soak: sustained load on a Serve deployment while clients walk away and a replica is killed.
 
     python -m dengine.bench.chaos --model llada-sudoku --replicas 2 --concurrency 12 --num-requests 300
     dengine bench chaos --dtype float32 --block-length 8 --out docs/bench/chaos
+    dengine bench chaos --fault router --client-retries 2 --dtype float32 --block-length 8
 
-Starts a local Ray and the dengine application (router + `--replicas` engine replicas) on loopback, then
-keeps `--concurrency` clients busy with chat requests for held-out task problems (half streamed, every one
-with its own seed). A fraction `--disconnect` of the requests is abandoned by its client on purpose (a
-stream after its first event, a whole request after a short random wait); these are counted apart. When
-`--kill-at` of the requests have been sent, one engine replica is killed (Serve starts a replacement).
+Starts a local Ray and the dengine application (`--routers` routers + `--replicas` engine replicas) on
+loopback, then keeps `--concurrency` clients busy with chat requests for held-out task problems (half
+streamed, every one with its own seed). A fraction `--disconnect` of the requests is abandoned by its client
+on purpose (a stream after its first event, a whole request after a short random wait); these are counted
+apart. When `--kill-at` of the requests have been sent, the `--fault` strikes: `engine` kills an engine
+replica (ray.kill), `router` kills a router replica's process (SIGKILL); Serve starts a replacement.
+
+A router's death loses the requests it held (their connections ran through it): the proxy answers a plain
+request with a 500 and cuts a stream. `--client-retries N` makes the clients do what OpenAI's SDK does (two
+retries by default): send a request again after a 5xx or a connection error, a stream too when it broke
+before its first event; a stream cut later is sent again from the start (the same seed: the same answer),
+which the SDK leaves to its caller. Retried requests are counted.
 
 Reported: requests sent, completed, abandoned by their clients, **lost** (neither: an error, a cut stream or
-an error event; must be 0), correct by the task's checker, equal to an offline run of the same requests
-(same seeds; exact with --dtype float32), the router's retries and resumed streams, end-to-end p50 / p99,
-the machine's used memory and the engine replicas' resident memory at start and end, and each replica's
-KV blocks and running sequences once the load is over (both 0 when nothing leaked).
+an error event, after the client's retries), correct by the task's checker, equal to an offline run of the
+same requests (same seeds; exact with --dtype float32), the routers' retries and resumed streams, the
+clients' retries, end-to-end p50 / p99, the machine's used memory and the engine replicas' resident memory
+at start and end, and each engine replica's KV blocks, running sequences and aborted requests once the load
+is over (running and blocks 0 when nothing leaked).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -45,6 +55,8 @@ class Outcome:
     latency_s: float = 0.0
     error: str | None = None
     sent_s: float = 0.0  # when it was sent, from the start of the load
+    retryable: bool = False  # lost to a 5xx, 408, 429, a broken connection or a cut stream (what clients retry)
+    retries: int = 0  # times the client sent it again
 
 
 def memory_snapshot() -> dict[str, float]:
@@ -79,12 +91,14 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, abandon: 
             except asyncio.TimeoutError:
                 return Outcome("abandoned")
             if response.status_code != 200:
-                return Outcome("lost", error=f"HTTP {response.status_code}: {response.text[:200]}")
+                return Outcome("lost", error=f"HTTP {response.status_code}: {response.text[:200]}",
+                               retryable=_retryable(response.status_code))
             return Outcome("ok", response.json()["choices"][0]["message"]["content"], time.perf_counter() - start)
         text, done = [], False
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
-                return Outcome("lost", error=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                return Outcome("lost", error=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}",
+                               retryable=_retryable(response.status_code))
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -98,14 +112,33 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, abandon: 
                     return Outcome("abandoned")
                 text.extend(c["delta"].get("content") or "" for c in event["choices"])
         if not done:
-            return Outcome("lost", error="the stream ended without [DONE]")
+            return Outcome("lost", error="the stream ended without [DONE]", retryable=True)
         return Outcome("ok", "".join(text), time.perf_counter() - start)
-    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
+    except httpx.HTTPError as exc:  # a broken connection: a stream cut by its router's death among them
+        return Outcome("lost", error=f"{type(exc).__name__}: {exc}", retryable=True)
+    except (json.JSONDecodeError, KeyError) as exc:
         return Outcome("lost", error=f"{type(exc).__name__}: {exc}")
 
 
+def _retryable(status: int) -> bool:
+    """What OpenAI's Python client sends again: 408, 409, 429 and every 5xx."""
+    return status in (408, 409, 429) or status >= 500
+
+
+async def request_with_retries(client: httpx.AsyncClient, url: str, body: dict, abandon: float | None,
+                               retries: int) -> Outcome:
+    """one_request, sent again (from the start, with its seed) up to `retries` times while it fails retryably."""
+    for attempt in range(retries + 1):
+        outcome = await one_request(client, url, body, abandon)
+        if outcome.status != "lost" or not outcome.retryable or attempt == retries:
+            outcome.retries = attempt
+            return outcome
+        await asyncio.sleep(0.5 * 2 ** attempt)  # the SDK's backoff starts at 0.5 s
+    raise AssertionError("unreachable")
+
+
 async def run_load(url: str, bodies: list[dict], concurrency: int, disconnect: float, kill_after: int, seed: int,
-                   kill, use_tqdm: bool) -> tuple[list[Outcome | None], float | None]:
+                   kill, use_tqdm: bool, retries: int = 0) -> tuple[list[Outcome | None], float | None]:
     """Closed loop: `concurrency` clients; `kill()` once kill_after requests have been sent."""
     rng = random.Random(seed)
     abandon = [rng.uniform(0.05, 1.0) if rng.random() < disconnect else None for _ in bodies]
@@ -123,7 +156,7 @@ async def run_load(url: str, bodies: list[dict], concurrency: int, disconnect: f
                     killed_at = time.perf_counter() - start
                     await asyncio.to_thread(kill)
                 sent = time.perf_counter() - start
-                outcomes[index] = await one_request(client, url, bodies[index], abandon[index])
+                outcomes[index] = await request_with_retries(client, url, bodies[index], abandon[index], retries)
                 outcomes[index].sent_s = sent
                 if not outcomes[index].latency_s:  # abandoned or lost: until the client gave up or the error came
                     outcomes[index].latency_s = time.perf_counter() - start - sent
@@ -156,15 +189,15 @@ def _replica_states(url: str, replicas: int, timeout: float = 300.0) -> dict[str
     return seen
 
 
-def _wait_running(replicas: int, timeout: float = 300.0) -> None:
+def _wait_running(replicas: int, routers: int, timeout: float = 300.0) -> None:
     from ray import serve
 
+    want = {"engine": replicas, "dengine": routers, "control": 1}
     deadline = time.time() + timeout
     while time.time() < deadline:
         app = serve.status().applications.get("dengine")
-        if app is not None and "engine" in app.deployments and "dengine" in app.deployments:
-            if (app.deployments["engine"].replica_states == {"RUNNING": replicas}
-                    and app.deployments["dengine"].replica_states == {"RUNNING": 1}):
+        if app is not None and set(want) <= set(app.deployments):
+            if all(app.deployments[name].replica_states == {"RUNNING": n} for name, n in want.items()):
                 return
         time.sleep(0.5)
     raise TimeoutError("the application did not come up")
@@ -175,16 +208,18 @@ def table(result: dict) -> str:
             ("abandoned by their clients", result["abandoned"]), ("**lost**", f"**{result['lost']}**"),
             ("correct (task checker)", f"{result['correct']} / {result['completed']}"),
             ("equal to the offline run", f"{result['equal_offline']} / {result['completed']}"),
-            ("router retries / resumed streams", f"{result['router']['retries']} / "
-                                                 f"{result['router']['resumed_streams']}"),
-            ("replica killed after", f"{result['killed_after_s']:.1f} s"),
+            ("routers' retries / resumed streams", f"{result['router']['retries']} / "
+                                                   f"{result['router']['resumed_streams']}"),
+            ("clients' retries (requests / times)", f"{result['client_retried']} / {result['client_retries']}"),
+            (f"{result['fault']} replica killed after", f"{result['killed_after_s']:.1f} s"),
             ("end-to-end p50 / p99", f"{result['e2e_ms'].get('p50', 0):.0f} / {result['e2e_ms'].get('p99', 0):.0f} ms"),
             ("machine memory used, start / end", f"{result['memory_start']['machine_used_gb']:.2f} / "
                                                  f"{result['memory_end']['machine_used_gb']:.2f} GB"),
             ("engine replicas' RSS, start / end", f"{result['memory_start']['replica_rss_gb']} / "
                                                   f"{result['memory_end']['replica_rss_gb']} GB"),
-            ("after the load, per replica: running, KV blocks used",
-             "; ".join(f"{s['running']}, {s['kv_blocks_used']}" for s in result["replicas_after"].values()))]
+            ("after the load, per engine replica: running, KV blocks used, aborted requests",
+             "; ".join(f"{s['running']}, {s['kv_blocks_used']}, {s.get('aborted_requests', 0)}"
+                       for s in result["replicas_after"].values()))]
     lines = ["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
     if result["errors"]:
         lines.append("\nerrors: " + "; ".join(result["errors"]))
@@ -200,7 +235,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=positive_int, default=12)
     parser.add_argument("--num-requests", type=positive_int, default=300)
     parser.add_argument("--disconnect", type=float, default=0.1, help="fraction of requests abandoned by clients")
+    parser.add_argument("--routers", type=positive_int, default=2)
     parser.add_argument("--kill-at", type=float, default=0.4, help="kill a replica after this fraction was sent")
+    parser.add_argument("--fault", choices=("engine", "router"), default="engine",
+                        help="which replica is killed: an engine (ray.kill) or a router (SIGKILL to its process)")
+    parser.add_argument("--client-retries", type=int, default=0,
+                        help="times a client sends a request again after a 5xx or a broken connection (OpenAI's "
+                             "SDK: 2)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--cache-policy", default="entropy")
     parser.add_argument("--gen-length", type=int, default=None, help="default: the task's")
@@ -211,8 +252,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", action="store_true", help="each request's latency against when it was sent")
     parser.add_argument("--no-tqdm", action="store_true")
     args = parser.parse_args(argv)
-    if args.replicas < 2:
+    if args.fault == "engine" and args.replicas < 2:
         parser.error("--replicas must be at least 2: one is killed")
+    if args.fault == "router" and args.routers < 2:
+        parser.error("--routers must be at least 2: one is killed")
+    if args.client_retries < 0:
+        parser.error("--client-retries must be at least 0")
     import ray
     from ray import serve
 
@@ -235,14 +280,20 @@ def main(argv: list[str] | None = None) -> dict:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(str(folder), replicas=args.replicas, num_cpus=args.num_cpus, dtype=args.dtype,
+        serve.run(build_app(str(folder), replicas=args.replicas, routers=args.routers, num_cpus=args.num_cpus,
+                            dtype=args.dtype,
                             cache_policy=args.cache_policy,
                             defaults={"gen_length": gen_length, "block_length": block_length}),
                   name="dengine", route_prefix="/", blocking=False)
-        _wait_running(args.replicas)
+        _wait_running(args.replicas, args.routers)
         memory_start = memory_snapshot()
 
+        control = serve.get_deployment_handle("control", "dengine")
+
         def kill() -> None:
+            if args.fault == "router":  # the process, as the OOM killer or kill -9 would
+                os.kill(next(iter(control.routers.remote().result().values()))["pid"], signal.SIGKILL)
+                return
             victim = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                           if a["name"].startswith("SERVE_REPLICA::dengine#engine#"))
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
@@ -250,12 +301,13 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         outcomes, killed_at = asyncio.run(run_load(url, bodies, args.concurrency, args.disconnect,
                                                    int(args.kill_at * len(bodies)), args.seed, kill,
-                                                   not args.no_tqdm))
+                                                   not args.no_tqdm, args.client_retries))
         duration = time.perf_counter() - started
-        _wait_running(args.replicas)
+        _wait_running(args.replicas, args.routers)
         replicas_after = _replica_states(url, args.replicas)
         memory_end = memory_snapshot()
-        router = serve.get_app_handle("dengine").stats.remote().result()
+        time.sleep(1)  # the restarted router's first report
+        router = control.stats.remote().result()
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -271,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
         "correct": sum(problems[i].check(outcomes[i].text) for i in done),
         "equal_offline": sum(outcomes[i].text == o.text for i, o in zip(done, offline)),
         "offline_correct": sum(problems[i].check(o.text) for i, o in zip(done, offline)),
-        "router": router, "killed_after_s": killed_at, "duration_s": duration,
+        "router": router, "killed_after_s": killed_at, "duration_s": duration, "fault": args.fault,
+        "client_retried": sum(o.retries > 0 for o in outcomes), "client_retries": sum(o.retries for o in outcomes),
         "e2e_ms": percentiles([outcomes[i].latency_s for i in done]),
         "memory_start": memory_start, "memory_end": memory_end, "replicas_after": replicas_after,
         "errors": sorted({o.error for o in outcomes if o.error})[:5],
@@ -280,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown)
     record = run_record("python -m dengine.bench.chaos", argv, check, model=folder.name, task=task.name,
                         gen_length=gen_length, block_length=block_length, result=result)
-    what = f"{folder.name}, {args.replicas} replicas, one killed: every request's latency"
+    what = f"{folder.name}, {args.replicas} engines, {args.routers} routers, one {args.fault} killed: every request's latency"
     write_report(args.out, record, markdown,
                  (lambda path: plot(outcomes, killed_at, path, plot_title(record, what))) if args.plot else None)
     return record

@@ -25,6 +25,7 @@ _GAUGES = {
 _COUNTERS = {
     "dengine_generated_tokens": "generated tokens of finished requests",
     "dengine_forward_steps": "engine steps (one ragged forward each)",
+    "dengine_aborted_requests": "requests ended before finishing (client gone, router dead, cut off at shutdown)",
 }
 
 
@@ -70,6 +71,7 @@ class ServerMetrics:
         increments = {
             "dengine_generated_tokens": stats.generated_tokens - self._last.generated_tokens,
             "dengine_forward_steps": stats.steps - self._last.steps,
+            "dengine_aborted_requests": stats.aborted_requests - self._last.aborted_requests,
         }
         self._last = stats
         for name, value in values.items():

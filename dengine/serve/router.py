@@ -17,6 +17,7 @@ to an engine replica and makes sure the client loses nothing when that replica d
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import time
@@ -82,8 +83,9 @@ class Relay:
     """Sends requests to engine replicas through `call`, retrying and resuming on the `retryable` errors."""
 
     def __init__(self, call: EngineCall, retryable: tuple[type[BaseException], ...], retry_timeout_s: float = 60.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, headers: dict[str, str] | None = None) -> None:
         self.call = call
+        self.headers = headers or {}  # added to every answer (the router's name)
         self.retryable = retryable
         self.retry_timeout_s = retry_timeout_s
         self.rng = random.Random(seed)
@@ -106,16 +108,7 @@ class Relay:
 
     async def _next(self, parts) -> Any:
         """The engine answer's next part, or CUT once cut_off was called (StopAsyncIteration at its end)."""
-        if self.cut.is_set():
-            return CUT
-        part = asyncio.ensure_future(anext(parts))
-        cut = asyncio.ensure_future(self.cut.wait())
-        done, _ = await asyncio.wait({part, cut}, return_when=asyncio.FIRST_COMPLETED)
-        if part in done:
-            cut.cancel()
-            return part.result()
-        part.cancel()
-        return CUT
+        return await next_unless(parts, self.cut)
 
     async def forward(self, endpoint: str, body: bytes) -> Response:
         """The response to one POST, whatever happens to the replica serving it."""
@@ -133,6 +126,7 @@ class Relay:
             if head is None:
                 return _unavailable()
             parts, head = head
+            head = Head(head.status, head.media_type, {**head.headers, **self.headers})
             if not stream or head.status != 200:
                 return await self._whole(parts, head, lambda: self.call(endpoint, body, response_id, created),
                                          deadline)
@@ -241,6 +235,33 @@ class Relay:
         return parts, None
 
 
+async def next_unless(parts, stop: asyncio.Event) -> Any:
+    """The next item of an async iterator, or CUT once `stop` is set (StopAsyncIteration at its end)."""
+    return await first_unless(anext(parts), stop)
+
+
+async def first_unless(awaitable, stop: asyncio.Event) -> Any:
+    """What `awaitable` returns, or CUT (the awaitable cancelled) once `stop` is set."""
+    if stop.is_set():
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()
+        return CUT
+    work = asyncio.ensure_future(awaitable)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        stopped.cancel()
+        raise
+    if work in done:
+        stopped.cancel()
+        return work.result()
+    work.cancel()
+    await asyncio.wait({work})  # let it unwind: an async generator it was advancing can then be closed
+    return CUT
+
+
 async def _close(parts) -> None:
     """Stop an engine answer the relay no longer reads (cancels the request on its replica)."""
     if parts is None:
@@ -252,7 +273,17 @@ async def _close(parts) -> None:
         await parts.aclose()
 
 
-CUT, END = object(), object()  # what Relay._next_or_end returns at a shutdown's end, and at an answer's end
+class Sentinel(enum.Enum):
+    """What Relay._next_or_end and next_unless return instead of a part: CUT (a shutdown's end, a dead router),
+    END (the answer's end). Enum members keep their identity when Serve pickles a deployment class by value (the
+    module's name for it is the Deployment, so cloudpickle copies the class and its globals): `object()`
+    sentinels would not, and `is CUT` would never hold in a replica."""
+
+    CUT = "cut"
+    END = "end"
+
+
+CUT, END = Sentinel.CUT, Sentinel.END
 
 
 def shut_down() -> p.RequestError:
