@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -139,3 +140,57 @@ def test_stop_at_keeps_the_schedule_of_the_full_run(tmp_path):
     assert torch.equal(stopped.lm_head.weight, again.lm_head.weight)
     with pytest.raises(SystemExit):
         train.main(argv + ["--steps", "3", "--stop-at", "4", "--out", str(tmp_path / "bad")])
+
+
+class _RecordingModel(torch.nn.Module):
+    """Stands in for a model in diffusion_loss: records the canvas it is given and scores every row equally."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.config = argparse.Namespace(logit_shift=0, num_layers=1)
+        self.bias = torch.nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, context, kv):
+        self.seen = context.batch.input_ids.clone()
+        self.rows = context.batch.logits_indices.clone()
+        return self.bias.expand(len(self.rows), -1)
+
+
+def test_block_masking_shows_the_canvas_of_block_by_block_decoding():
+    b, prompt_len, gen_length, block, mask = 64, 5, 100, 32, 99
+    canvas = torch.randint(0, 90, (b, prompt_len + gen_length))
+    model = _RecordingModel(128)
+    loss = diffusion_loss(model, canvas, prompt_len, mask, torch.Generator().manual_seed(3), block, 0.5)
+    seen = model.seen.view(b, -1)
+    scored = torch.zeros(b * seen.shape[1], dtype=torch.bool)
+    scored[model.rows] = True
+    scored = scored.view(b, -1)
+    assert torch.equal(seen[:, :prompt_len], canvas[:, :prompt_len])
+    assert (seen[scored] == mask).all()                          # every scored position is masked
+    starts = set()
+    for row in range(b):
+        answer_masked = (seen[row, prompt_len:] == mask).nonzero().flatten()
+        answer_scored = scored[row, prompt_len:].nonzero().flatten()
+        assert len(answer_scored) >= 1
+        if row >= b // 2:                                        # uniform masking: what is masked is scored
+            assert torch.equal(answer_masked, answer_scored)
+            continue
+        first = int(answer_scored.min()) // block * block
+        starts.add(first)
+        end = min(first + block, gen_length)
+        assert int(answer_scored.max()) < end                    # scored positions lie in one block
+        assert torch.equal(seen[row, prompt_len:prompt_len + first], canvas[row, prompt_len:prompt_len + first])
+        assert (seen[row, prompt_len + end:] == mask).all()     # every later block fully masked
+    assert len(starts) == 4                                      # 32 rows reach all four blocks (0, 32, 64, 96)
+    # a uniform model scores ln(128) per token, and 1/t taken from the realised count makes every row's
+    # weighted mean exactly that, block rows and uniform rows alike
+    assert abs(loss.item() - math.log(128)) < 1e-4
+
+
+def test_no_block_masking_keeps_the_uniform_loss_bit_for_bit():
+    canvas = torch.randint(0, 90, (16, 60))
+    model = _RecordingModel(128)
+    a = diffusion_loss(model, canvas, 10, 99, torch.Generator().manual_seed(5))
+    rows_a = model.rows
+    b = diffusion_loss(model, canvas, 10, 99, torch.Generator().manual_seed(5), 32, 0.0)
+    assert torch.equal(rows_a, model.rows) and torch.equal(a, b)

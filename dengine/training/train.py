@@ -100,27 +100,49 @@ def encode_batch(problems: list[Problem], tokenizer, eot: int, eos: int, gen_len
     return torch.tensor(rows), prompt_len
 
 
-def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, generator: torch.Generator):
+def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, generator: torch.Generator,
+                   block_length: int | None = None, block_rows: float = 0.0):
     """LLaDA's SFT loss on one batch; Dream-format models read token i at output i - 1.
 
     Each response is masked at a ratio t ~ U(0, 1) and the cross-entropy on its masked positions is
     weighted by 1/t. Two variance reductions keep the estimator's expectation: the batch's ratios are
     stratified (one per 1/B interval, in random order), and a response masked at ratio t has exactly
     max(1, round(t * L)) masked positions, its weight 1/t taken from that realised count.
+
+    block_rows > 0 draws that fraction of the batch's rows as semi-autoregressive decoding sees its canvas
+    (block masking): a block of block_length answer positions chosen uniformly, every block before it
+    clean, every block after it fully masked, the block itself masked at ratio t as above; only the
+    block's masked positions are scored (1/t weighted, normalised by the block's length). Uniform masking
+    alone lets a later, unmasked token reveal an earlier masked one (a copied band gives its source away),
+    which decoding left to right never shows the model.
     """
     b, t = canvas.shape
     gen_length = t - prompt_len
+    span = torch.full((b,), gen_length)
+    first = torch.zeros(b, dtype=torch.long)
+    n_block = round(b * block_rows) if block_length else 0
+    if n_block:
+        blocks = -(-gen_length // block_length)
+        first[:n_block] = torch.randint(blocks, (n_block,), generator=generator) * block_length
+        span[:n_block] = (gen_length - first[:n_block]).clamp(max=block_length)
     strata = (torch.randperm(b, generator=generator) + torch.rand(b, generator=generator)) / b
-    counts = (strata * gen_length).round().clamp(1, gen_length).long()
+    counts = (strata * span).round().clamp(min=1).minimum(span).long()
     order = torch.rand(b, gen_length, generator=generator).argsort(dim=1)
-    masked = torch.zeros_like(canvas, dtype=torch.bool)
-    masked[:, prompt_len:] = order < counts[:, None]
+    position = torch.arange(gen_length)
+    in_span = (position >= first[:, None]) & (position < (first + span)[:, None])
+    scored = torch.zeros_like(canvas, dtype=torch.bool)
+    # rank only the span's positions: positions outside it sort after every position inside it
+    rank = torch.where(in_span, order, order + gen_length).argsort(dim=1).argsort(dim=1)
+    scored[:, prompt_len:] = in_span & (rank < counts[:, None])
+    masked = scored.clone()
+    masked[:, prompt_len:] |= position >= (first + span)[:, None]
     noisy = canvas.masked_fill(masked, mask_id)
-    rows = masked.reshape(-1).nonzero().flatten()
-    ratio = (counts.float() / gen_length)[:, None].expand(b, t).reshape(-1)[rows]
+    rows = scored.reshape(-1).nonzero().flatten()
+    ratio = (counts.float() / span)[:, None].expand(b, t).reshape(-1)[rows]
+    norm = span.float()[:, None].expand(b, t).reshape(-1)[rows]
     logits = model(dense_batch(noisy, rows - model.config.logit_shift), TrainingKV(model.config.num_layers))
-    token_loss = F.cross_entropy(logits.float(), canvas.reshape(-1)[rows], reduction="none") / ratio
-    return token_loss.sum() / (b * gen_length)
+    token_loss = F.cross_entropy(logits.float(), canvas.reshape(-1)[rows], reduction="none") / (ratio * norm)
+    return token_loss.sum() / b
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,10 +167,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every N steps")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="stop after this many steps; the learning-rate schedule still spans --steps")
+    parser.add_argument("--block-masking", type=float, default=0.0,
+                        help="fraction of each batch masked as block-by-block decoding sees its canvas "
+                             "(blocks of the task's block_length; see diffusion_loss)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights (same family and sizes) instead of a fresh init")
     args = parser.parse_args(argv)
     stop_at = args.steps if args.stop_at is None else args.stop_at
+    if not 0 <= args.block_masking <= 1:
+        parser.error(f"--block-masking must be in [0, 1], got {args.block_masking}")
     if not 0 < stop_at <= args.steps:
         parser.error(f"--stop-at must be in [1, --steps], got {args.stop_at}")
     if args.threads:
@@ -186,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = diffusion_loss(model, canvas, prompt_len, ids["mask_token"], generator)
+            loss = diffusion_loss(model, canvas, prompt_len, ids["mask_token"], generator,
+                                  task.block_length, args.block_masking)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
