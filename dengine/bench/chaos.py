@@ -55,7 +55,7 @@ class Outcome:
     latency_s: float = 0.0
     error: str | None = None
     sent_s: float = 0.0  # when it was sent, from the start of the load
-    retryable: bool = False  # lost to a 5xx, 408, 429, a broken connection or a cut stream (what clients retry)
+    retryable: bool = False  # lost to a 5xx, 408, 409, 429, a broken connection or a cut stream (what clients retry)
     retries: int = 0  # times the client sent it again
 
 
