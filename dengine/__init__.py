@@ -1,32 +1,44 @@
-"""dengine: a serving engine for diffusion language models (LLaDA, Dream)."""
+"""dengine: a serving engine for diffusion language models (LLaDA, Dream).
 
-from dengine.config import CheckpointError, ModelConfig
-from dengine.engine import LLMEngine, PromptError
-from dengine.llm import LLM
-from dengine.outputs import RequestMetrics, RequestOutput
-from dengine.sampling_params import SamplingParams
-from dengine.kv import KVCacheManager, PagedKVCache, RequestTooLargeError
-from dengine.model_runner import ModelRunner, SequenceQuery
-from dengine.models.loader import load_model, read_model_config
-from dengine.tokenizer import load_tokenizer
+The public names load on first use (PEP 562), so a process that needs one light module (Serve's HTTP proxy
+runs dengine/serve/proxy.py) does not import torch and transformers for it."""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError",
-    "KVCacheManager",
-    "LLM",
-    "LLMEngine",
-    "ModelConfig",
-    "ModelRunner",
-    "PromptError",
-    "PagedKVCache",
-    "RequestMetrics",
-    "RequestOutput",
-    "RequestTooLargeError",
-    "SamplingParams",
-    "SequenceQuery",
-    "load_model",
-    "load_tokenizer",
-    "read_model_config",
-]
+_HOMES = {
+    "CheckpointError": "dengine.config",
+    "ModelConfig": "dengine.config",
+    "LLMEngine": "dengine.engine",
+    "PromptError": "dengine.engine",
+    "LLM": "dengine.llm",
+    "RequestMetrics": "dengine.outputs",
+    "RequestOutput": "dengine.outputs",
+    "SamplingParams": "dengine.sampling_params",
+    "KVCacheManager": "dengine.kv",
+    "PagedKVCache": "dengine.kv",
+    "RequestTooLargeError": "dengine.kv",
+    "ModelRunner": "dengine.model_runner",
+    "SequenceQuery": "dengine.model_runner",
+    "load_model": "dengine.models.loader",
+    "read_model_config": "dengine.models.loader",
+    "load_tokenizer": "dengine.tokenizer",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'dengine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

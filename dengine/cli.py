@@ -109,13 +109,12 @@ def _serve(args: argparse.Namespace, defaults: dict, engine_kwargs: dict) -> Non
     from ray import serve
 
     from dengine.assets import resolve_model
-    from dengine.serve.deployment import build_app
+    from dengine.serve.deployment import build_app, ray_serving_environment
     from dengine.tasks import task_of_folder
 
     app = build_app(args.model, replicas=args.replicas, routers=args.routers, num_cpus=args.num_cpus,
                     num_gpus=args.num_gpus, model_name=args.served_model_name, defaults=defaults, **engine_kwargs)
-    # a busy machine starts Serve's HTTP proxy slowly; Serve's default 5 s readiness check would kill it
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    ray_serving_environment()
     quiet_ray_logs()
     # a terminal's Ctrl-C signals the whole foreground process group: the processes ray.init starts inherit
     # SIGINT ignored, so the HTTP proxy and the replicas keep serving while this process drains them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -141,3 +142,111 @@ def test_chaos_clients_retry_as_openais_sdk_does(stream):
     answers.clear()
     refused = asyncio.run(run({**body, "bad": True}, 2))
     assert refused.status == "lost" and refused.retries == 0 and len(answers) == 1
+
+
+def test_slow_connections_get_the_body_timeout_and_others_are_answered_meanwhile():
+    """The chaos bench's slow clients against dengine's HTTP routes (a short body timeout): every half-sent
+    request ends 408, and a whole request sent while they wait is answered at once."""
+    import asyncio
+
+    import httpx
+    from fastapi.responses import JSONResponse
+
+    from dengine.bench import chaos
+    from dengine.serve.server import openai_app
+
+    async def post(path: str, body: bytes) -> JSONResponse:
+        return JSONResponse({"echo": json.loads(body)})
+
+    async def get(what: str) -> JSONResponse:
+        return JSONResponse({})
+
+    app = openai_app(post, get, max_body_bytes=1 << 20, body_timeout_s=1.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    try:
+        async def both():
+            slow = asyncio.create_task(chaos.slow_connections("127.0.0.1", port, 40, hold_s=10))
+            await asyncio.sleep(0.3)
+            async with httpx.AsyncClient() as client:
+                start = time.perf_counter()
+                whole = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"messages": []})
+                waited = time.perf_counter() - start
+            return await slow, whole, waited
+
+        slow, whole, waited = asyncio.run(both())
+        assert slow["ended"] == {"408": 40}, slow
+        assert 1.0 <= slow["answered_s"]["p50"] / 1e3 < 5.0
+        assert whole.status_code == 200 and whole.json() == {"echo": {"messages": []}} and waited < 1.0
+        short = asyncio.run(chaos.slow_connections("127.0.0.1", port, 3, hold_s=0.2))
+        assert short["ended"] == {"waiting": 3}, short
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_the_chaos_bench_names_what_died_and_its_memory_hog_takes_and_frees_memory():
+    """serve_replicas reads the roles from process titles; memory_hog_until_a_kill takes memory (every page
+    written) past the threshold until a replica dies (here the test plays Ray's memory monitor), then frees it."""
+    import subprocess
+    import sys
+
+    from dengine.bench import chaos
+
+    sleeper = "import time; time.sleep(120)"
+    engine = subprocess.Popen([sys.executable, "-c", sleeper, "ray::ServeReplica:dengine:engine"])
+    controller = subprocess.Popen([sys.executable, "-c", sleeper, "ray::ServeController"])
+    try:
+        deadline = time.monotonic() + 30
+        while set(chaos.serve_replicas()) < {engine.pid, controller.pid}:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        roles = chaos.serve_replicas()
+        assert (roles[engine.pid], roles[controller.pid]) == ("engine", "controller")
+
+        def hog_rss() -> int:  # the spawned hog: a child of this process other than the two sleepers
+            total = 0
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+                        fields = dict(line.split(":", 1) for line in f)
+                except OSError:
+                    continue
+                if int(fields["PPid"]) == os.getpid() and int(pid) not in (engine.pid, controller.pid):
+                    total += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+            return total
+
+        def monitor():  # kills the controller first, as Ray's policy by owner group does, then the engine
+            deadline = time.monotonic() + 60
+            while hog_rss() < 200 << 20:
+                assert time.monotonic() < deadline, "the hog did not take its memory"
+                time.sleep(0.05)
+            controller.kill()
+            time.sleep(0.3)
+            engine.kill()
+
+        watcher = threading.Thread(target=monitor)
+        watcher.start()
+        died = chaos.memory_hog_until_a_kill(chaos._machine_used_bytes(), overshoot=256 << 20, timeout=60)
+        watcher.join()
+        assert died == ["controller", "engine"]
+        assert hog_rss() < 100 << 20, "the hog freed its memory"
+    finally:
+        engine.kill()
+        controller.kill()
+
+
+def test_a_ray_started_to_serve_gets_the_one_at_a_time_memory_policy_unless_the_user_chose(monkeypatch):
+    from dengine.serve.deployment import ray_serving_environment
+
+    monkeypatch.delenv("RAY_worker_killing_policy_by_group", raising=False)
+    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "7")
+    ray_serving_environment()
+    assert os.environ["RAY_worker_killing_policy_by_group"] == "true"
+    assert os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "7"

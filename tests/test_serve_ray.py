@@ -20,7 +20,7 @@ requests = pytest.importorskip("requests")
 from ray import serve  # noqa: E402
 
 from dengine import LLM, SamplingParams  # noqa: E402
-from dengine.serve.deployment import build_app  # noqa: E402
+from dengine.serve.deployment import build_app, ray_serving_environment  # noqa: E402
 
 ENGINE = {"dtype": "float32", "kv_cache_memory": 1 << 22, "block_size": 8, "cache_policy": "entropy"}
 DEFAULTS = {"gen_length": 32, "block_length": 8}
@@ -65,8 +65,7 @@ def _wait_healthy(url: str, replicas: int, timeout: float = 240.0) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    # a loaded 2-core machine starts Serve's proxy slowly; Serve's 5 s readiness check would kill it
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    ray_serving_environment()  # as `dengine serve` starts Ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield
     serve.shutdown()

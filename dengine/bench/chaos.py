@@ -1,15 +1,26 @@
-"""Chaos soak: sustained load on a Serve deployment while clients walk away and a replica is killed.
+"""Chaos soak: sustained load on a Serve deployment while clients walk away and a fault strikes.
 
     python -m dengine.bench.chaos --model llada-sudoku --replicas 2 --concurrency 12 --num-requests 300
     dengine bench chaos --dtype float32 --block-length 8 --out docs/bench/chaos
     dengine bench chaos --fault router --client-retries 2 --dtype float32 --block-length 8
+    dengine bench chaos --fault oom --client-retries 2 --dtype float32 --block-length 8
+    dengine bench chaos --fault slow --slow-clients 10000 --dtype float32 --block-length 8
 
 Starts a local Ray and the dengine application (`--routers` routers + `--replicas` engine replicas) on
 loopback, then keeps `--concurrency` clients busy with chat requests for held-out task problems (half
 streamed, every one with its own seed). A fraction `--disconnect` of the requests is abandoned by its client
 on purpose (a stream after its first event, a whole request after a short random wait); these are counted
-apart. When `--kill-at` of the requests have been sent, the `--fault` strikes: `engine` kills an engine
-replica (ray.kill), `router` kills a router replica's process (SIGKILL); Serve starts a replacement.
+apart. When `--kill-at` of the requests have been sent, the `--fault` strikes, beside the clients:
+* `engine`: an engine replica killed (ray.kill); Serve starts a replacement.
+* `router`: a router replica's process killed (SIGKILL), as the kernel's OOM killer or kill -9 would.
+* `oom`: Ray's memory monitor does the killing. Ray starts with its memory threshold `--oom-headroom` GB above
+  the machine's use; at the fault a process outside Ray takes memory (every page written) until the monitor
+  kills a replica of its choosing, then frees it, as another job's passing spike would.
+* `node`: Ray runs as a local two-node cluster (ray.cluster_utils: the head holds every engine but one, the
+  worker node one, routers land on either); the worker node is removed with everything on it, and a new node
+  joins `--node-return` seconds later, as an autoscaler would replace it.
+* `slow`: `--slow-clients` connections each send a chat request's headers and 10 bytes of its 200-byte body,
+  then nothing (the body timeout answers them 408); the load's latency before and after shows their effect.
 
 A router's death loses the requests it held (their connections ran through it): the proxy answers a plain
 request with a 500 and cuts a stream. `--client-retries N` makes the clients do what OpenAI's SDK does (two
@@ -20,7 +31,8 @@ which the SDK leaves to its caller. Retried requests are counted.
 Reported: requests sent, completed, abandoned by their clients, **lost** (neither: an error, a cut stream or
 an error event, after the client's retries), correct by the task's checker, equal to an offline run of the
 same requests (same seeds; exact with --dtype float32), the routers' retries and resumed streams, the
-clients' retries, end-to-end p50 / p99, the machine's used memory and the engine replicas' resident memory
+clients' retries, the replicas that died, end-to-end p50 / p99 (all, and sent before / after the fault), how
+the slow connections ended, the machine's used memory and the engine replicas' resident memory
 at start and end, and each engine replica's KV blocks, running sequences and aborted requests once the load
 is over (running and blocks 0 when nothing leaked).
 """
@@ -29,9 +41,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import random
+import re
 import signal
 import socket
 import time
@@ -39,13 +54,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import torch
 from tqdm.auto import tqdm
 
 from dengine.assets import resolve_model
 from dengine.bench.report import QuietCheck, figure, plot_title, run_record, write_report
 from dengine.bench.serve_load import percentiles
 from dengine.cli_args import DefaultsHelpFormatter, positive_int
+from dengine.kv.kv_cache import available_memory_bytes, total_memory_bytes
 from dengine.tasks import generation_lengths, get_task, task_of_model
+
+CPU = torch.device("cpu")
+FAULTS = ("engine", "router", "oom", "node", "slow")
 
 
 @dataclass
@@ -59,26 +79,127 @@ class Outcome:
     retries: int = 0  # times the client sent it again
 
 
-def memory_snapshot() -> dict[str, float]:
-    """GB used on the machine (MemTotal - MemAvailable) and the engine replicas' resident memory."""
-    info = {}
-    with open("/proc/meminfo", encoding="ascii") as meminfo:
-        for line in meminfo:
-            key, value = line.split(":", 1)
-            info[key] = int(value.split()[0]) * 1024
-    replicas = []
+ACTOR_TITLES = re.compile(rb"ray::(ServeController|ProxyActor)|ServeReplica:dengine:(\w+)")
+ROLES = {b"ServeController": "controller", b"ProxyActor": "proxy", b"dengine": "router"}
+
+
+def serve_replicas() -> dict[int, str]:
+    """pid -> role ("engine", "router", "control", "controller", "proxy") of every Serve actor process of the
+    dengine application on this machine (every node of a local cluster included)."""
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"ServeReplica:dengine:engine" not in f.read():
-                    continue
+                match = ACTOR_TITLES.search(f.read())
+        except OSError:
+            continue
+        if match:
+            name = match.group(1) or match.group(2)
+            found[int(pid)] = ROLES.get(name, name.decode())
+    return found
+
+
+def _machine_used_bytes() -> int:
+    return total_memory_bytes(CPU) - available_memory_bytes(CPU)
+
+
+def memory_snapshot() -> dict[str, float]:
+    """GB used on the machine (MemTotal - MemAvailable) and the engine replicas' resident memory."""
+    replicas = []
+    for pid, deployment in serve_replicas().items():
+        if deployment != "engine":
+            continue
+        try:
             with open(f"/proc/{pid}/status", encoding="ascii") as f:
                 rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
         except (OSError, StopIteration):
             continue
         replicas.append(rss / 1e9)
-    return {"machine_used_gb": (info["MemTotal"] - info["MemAvailable"]) / 1e9,
-            "replica_rss_gb": sorted(replicas)}
+    return {"machine_used_gb": _machine_used_bytes() / 1e9, "replica_rss_gb": sorted(replicas)}
+
+
+REPLICA_ROLES = ("engine", "router", "control")
+
+
+def wait_vanished(before: dict[int, str], timeout: float, roles: tuple[str, ...] | None = None) -> list[str]:
+    """The roles of the processes in `before` that are gone, waiting up to timeout for the first of `roles`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = serve_replicas()
+        gone = sorted(name for pid, name in before.items() if pid not in now)
+        if any(roles is None or name in roles for name in gone) or time.monotonic() > deadline:
+            return gone
+        time.sleep(0.05)
+
+
+HOG_STEP = 16 << 20  # every 20 ms: 0.8 GB/s, a few steps between two looks of Ray's monitor (every 250 ms)
+
+
+def _hog(limit: int, stop) -> None:
+    """Another job's memory: take it HOG_STEP at a time (every page written) up to limit bytes; free it on stop."""
+    held = []
+    while not stop.is_set() and len(held) * HOG_STEP < limit:
+        chunk = bytearray(HOG_STEP)
+        chunk[::4096] = b"\1" * (HOG_STEP // 4096)
+        held.append(chunk)
+        time.sleep(0.02)
+    stop.wait(300)
+
+
+def memory_hog_until_a_kill(threshold_bytes: int, overshoot: int = 256 << 20, timeout: float = 120.0) -> list[str]:
+    """A process outside Ray takes memory until the machine is `overshoot` past Ray's memory-monitor threshold
+    (at most), and frees it as soon as the monitor has killed a replica (a job's passing spike; Serve's controller
+    may die first: Ray's policy by owner group picks it, as it restarts). Returns the roles of the actors that
+    died."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    before = serve_replicas()
+    hog = context.Process(target=_hog, args=(max(0, threshold_bytes + overshoot - _machine_used_bytes()), stop),
+                          daemon=True)
+    hog.start()
+    try:
+        return wait_vanished(before, timeout, REPLICA_ROLES)
+    finally:
+        stop.set()
+        hog.join(30)
+
+
+async def slow_connections(host: str, port: int, count: int, hold_s: float, body_bytes: int = 200,
+                           sent_bytes: int = 10) -> dict:
+    """`count` connections that each send a chat request's headers and the first sent_bytes of a body_bytes body,
+    then nothing, and wait up to hold_s for an answer. Returns how they ended: by the answer's status code,
+    "closed" (no answer), "waiting" (none within hold_s), "refused" (could not connect); with the seconds from
+    sending to the answer."""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {body_bytes}\r\n\r\n").encode() + b'{"messages"'[:sent_bytes]
+    connecting = asyncio.Semaphore(256)  # connects in flight: within the listen backlog
+    ended: dict[str, int] = {}
+    answered_s: list[float] = []
+
+    async def one() -> None:
+        try:
+            async with connecting:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+        except (OSError, asyncio.TimeoutError):
+            ended["refused"] = ended.get("refused", 0) + 1
+            return
+        start = time.perf_counter()
+        try:
+            writer.write(head)
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), hold_s)
+            how = line.split()[1].decode() if line.startswith(b"HTTP/") else "closed"
+            answered_s.append(time.perf_counter() - start)
+        except asyncio.TimeoutError:
+            how = "waiting"
+        except OSError:
+            how = "closed"
+        finally:
+            writer.close()
+        ended[how] = ended.get(how, 0) + 1
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return {"count": count, "ended": ended, "answered_s": percentiles(answered_s)}
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, abandon: float | None) -> Outcome:
@@ -145,6 +266,7 @@ async def run_load(url: str, bodies: list[dict], concurrency: int, disconnect: f
     outcomes: list[Outcome | None] = [None] * len(bodies)
     queue = list(range(len(bodies)))[::-1]
     killed_at = None
+    striking: list[asyncio.Task] = []
     start = time.perf_counter()
     bar = tqdm(total=len(bodies), desc="chaos", unit="req", disable=not use_tqdm, dynamic_ncols=True)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None)) as client:
@@ -154,7 +276,7 @@ async def run_load(url: str, bodies: list[dict], concurrency: int, disconnect: f
                 index = queue.pop()
                 if index == kill_after and killed_at is None:
                     killed_at = time.perf_counter() - start
-                    await asyncio.to_thread(kill)
+                    striking.append(asyncio.create_task(asyncio.to_thread(kill)))  # beside the clients
                 sent = time.perf_counter() - start
                 outcomes[index] = await request_with_retries(client, url, bodies[index], abandon[index], retries)
                 outcomes[index].sent_s = sent
@@ -163,6 +285,7 @@ async def run_load(url: str, bodies: list[dict], concurrency: int, disconnect: f
                 bar.update(1)
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        await asyncio.gather(*striking)
     bar.close()
     return outcomes, killed_at
 
@@ -203,6 +326,10 @@ def _wait_running(replicas: int, routers: int, timeout: float = 300.0) -> None:
     raise TimeoutError("the application did not come up")
 
 
+def _p50_p99(latencies_ms: dict) -> str:
+    return f"{latencies_ms.get('p50', 0):.0f} / {latencies_ms.get('p99', 0):.0f} ms"
+
+
 def table(result: dict) -> str:
     rows = [("requests sent", result["sent"]), ("completed", result["completed"]),
             ("abandoned by their clients", result["abandoned"]), ("**lost**", f"**{result['lost']}**"),
@@ -211,8 +338,11 @@ def table(result: dict) -> str:
             ("routers' retries / resumed streams", f"{result['router']['retries']} / "
                                                    f"{result['router']['resumed_streams']}"),
             ("clients' retries (requests / times)", f"{result['client_retried']} / {result['client_retries']}"),
-            (f"{result['fault']} replica killed after", f"{result['killed_after_s']:.1f} s"),
-            ("end-to-end p50 / p99", f"{result['e2e_ms'].get('p50', 0):.0f} / {result['e2e_ms'].get('p99', 0):.0f} ms"),
+            (f"fault ({result['fault']}) struck after", f"{result['killed_after_s']:.1f} s"),
+            ("Serve actors that died", ", ".join(result["victims"]) or "none"),
+            ("end-to-end p50 / p99", _p50_p99(result["e2e_ms"])),
+            ("end-to-end p50 / p99, sent before / after the fault",
+             f"{_p50_p99(result['e2e_ms_before'])} / {_p50_p99(result['e2e_ms_after'])}"),
             ("machine memory used, start / end", f"{result['memory_start']['machine_used_gb']:.2f} / "
                                                  f"{result['memory_end']['machine_used_gb']:.2f} GB"),
             ("engine replicas' RSS, start / end", f"{result['memory_start']['replica_rss_gb']} / "
@@ -220,6 +350,13 @@ def table(result: dict) -> str:
             ("after the load, per engine replica: running, KV blocks used, aborted requests",
              "; ".join(f"{s['running']}, {s['kv_blocks_used']}, {s.get('aborted_requests', 0)}"
                        for s in result["replicas_after"].values()))]
+    if result["slow"]:
+        slow = result["slow"]
+        rows.append((f"{slow['count']} slow connections: how they ended (seconds to the answer, p50 / p99)",
+                     ", ".join(f"{how}: {n}" for how, n in sorted(slow["ended"].items()))
+                     + f" ({slow['answered_s'].get('p50', 0) / 1e3:.1f} / {slow['answered_s'].get('p99', 0) / 1e3:.1f} s)"))
+    if result["memory_threshold_gb"] is not None:
+        rows.append(("Ray's memory threshold", f"{result['memory_threshold_gb']:.2f} GB"))
     lines = ["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
     if result["errors"]:
         lines.append("\nerrors: " + "; ".join(result["errors"]))
@@ -237,8 +374,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--disconnect", type=float, default=0.1, help="fraction of requests abandoned by clients")
     parser.add_argument("--routers", type=positive_int, default=2)
     parser.add_argument("--kill-at", type=float, default=0.4, help="kill a replica after this fraction was sent")
-    parser.add_argument("--fault", choices=("engine", "router"), default="engine",
-                        help="which replica is killed: an engine (ray.kill) or a router (SIGKILL to its process)")
+    parser.add_argument("--fault", choices=FAULTS, default="engine",
+                        help="what strikes: an engine replica killed (ray.kill); a router's process killed (SIGKILL); "
+                             "memory taken by another process until Ray's memory monitor kills a replica (oom); the "
+                             "worker node of a local two-node cluster removed, a new node added --node-return s later "
+                             "(node); --slow-clients connections that send half a request, then nothing (slow)")
+    parser.add_argument("--oom-headroom", type=float, default=6.0,
+                        help="oom: Ray's memory threshold is set this many GB above the machine's use at start")
+    parser.add_argument("--node-return", type=float, default=10.0, help="node: seconds until a new node joins")
+    parser.add_argument("--slow-clients", type=positive_int, default=10_000,
+                        help="slow: connections that send a request's headers and 10 bytes of its body, then wait")
     parser.add_argument("--client-retries", type=int, default=0,
                         help="times a client sends a request again after a 5xx or a broken connection (OpenAI's "
                              "SDK: 2)")
@@ -252,8 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", action="store_true", help="each request's latency against when it was sent")
     parser.add_argument("--no-tqdm", action="store_true")
     args = parser.parse_args(argv)
-    if args.fault == "engine" and args.replicas < 2:
-        parser.error("--replicas must be at least 2: one is killed")
+    if args.fault in ("engine", "node") and args.replicas < 2:
+        parser.error(f"--replicas must be at least 2 for --fault {args.fault}: one is lost")
     if args.fault == "router" and args.routers < 2:
         parser.error("--routers must be at least 2: one is killed")
     if args.client_retries < 0:
@@ -262,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import serve
 
     from dengine import LLM, SamplingParams
-    from dengine.serve.deployment import build_app
+    from dengine.serve.deployment import build_app, ray_serving_environment
+    from dengine.serve.server import BODY_TIMEOUT_S
 
     folder = resolve_model(args.model)
     task = get_task(args.task) if args.task else task_of_model(folder)
@@ -274,12 +420,27 @@ def main(argv: list[str] | None = None) -> dict:
               for p in problems]
     check = QuietCheck()
 
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-    ray.init(num_cpus=max(2, int(args.replicas * args.num_cpus)), include_dashboard=False, log_to_driver=False)
+    ray_serving_environment()  # as `dengine serve` starts Ray
+    threshold = None
+    if args.fault == "oom":  # Ray reads it when its raylet starts
+        threshold = _machine_used_bytes() + int(args.oom_headroom * 1e9)
+        os.environ["RAY_memory_usage_threshold"] = f"{threshold / total_memory_bytes(CPU):.4f}"
+    cluster = node = None
+    if args.fault == "node":
+        from ray.cluster_utils import Cluster
+
+        # every engine but one on the head node, one on the worker node (the engines' CPUs decide where they go)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": (args.replicas - 1) * args.num_cpus})
+        node = cluster.add_node(num_cpus=args.num_cpus)
+        ray.init(address=cluster.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(2, int(args.replicas * args.num_cpus)), include_dashboard=False, log_to_driver=False)
+    victims: list[str] = []
+    slow: dict = {}
     try:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(str(folder), replicas=args.replicas, routers=args.routers, num_cpus=args.num_cpus,
                             dtype=args.dtype,
                             cache_policy=args.cache_policy,
@@ -287,21 +448,48 @@ def main(argv: list[str] | None = None) -> dict:
                   name="dengine", route_prefix="/", blocking=False)
         _wait_running(args.replicas, args.routers)
         memory_start = memory_snapshot()
+        if threshold is not None and _machine_used_bytes() > threshold - (1 << 30):
+            raise SystemExit(f"the application already uses the memory up to Ray's threshold "
+                             f"({threshold / 1e9:.1f} GB): raise --oom-headroom")
 
         control = serve.get_deployment_handle("control", "dengine")
 
         def kill() -> None:
+            before = serve_replicas()
+            if args.fault == "slow":
+                slow.update(asyncio.run(slow_connections("127.0.0.1", port, args.slow_clients,
+                                                         hold_s=BODY_TIMEOUT_S + 30)))
+                return
+            if args.fault == "oom":
+                victims.extend(memory_hog_until_a_kill(threshold))
+                return
+            if args.fault == "node":
+                cluster.remove_node(node)
+                victims.extend(wait_vanished(before, 30))
+                time.sleep(args.node_return)
+                # a Ray node starts in the main thread only (it sets signal handlers): the clients' event loop
+                # runs there, so the clients pause while the new node starts
+                joined = concurrent.futures.Future()
+                loops[0].call_soon_threadsafe(lambda: joined.set_result(cluster.add_node(num_cpus=args.num_cpus)))
+                joined.result()
+                return
             if args.fault == "router":  # the process, as the OOM killer or kill -9 would
                 os.kill(next(iter(control.routers.remote().result().values()))["pid"], signal.SIGKILL)
-                return
-            victim = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                          if a["name"].startswith("SERVE_REPLICA::dengine#engine#"))
-            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            else:
+                victim = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                              if a["name"].startswith("SERVE_REPLICA::dengine#engine#"))
+                ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            victims.extend(wait_vanished(before, 30))
+
+        loops: list[asyncio.AbstractEventLoop] = []
+
+        async def load() -> tuple[list[Outcome | None], float | None]:
+            loops.append(asyncio.get_running_loop())
+            return await run_load(url, bodies, args.concurrency, args.disconnect, int(args.kill_at * len(bodies)),
+                                  args.seed, kill, not args.no_tqdm, args.client_retries)
 
         started = time.perf_counter()
-        outcomes, killed_at = asyncio.run(run_load(url, bodies, args.concurrency, args.disconnect,
-                                                   int(args.kill_at * len(bodies)), args.seed, kill,
-                                                   not args.no_tqdm, args.client_retries))
+        outcomes, killed_at = asyncio.run(load())
         duration = time.perf_counter() - started
         _wait_running(args.replicas, args.routers)
         replicas_after = _replica_states(url, args.replicas)
@@ -311,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
 
     done = [i for i, o in enumerate(outcomes) if o.status == "ok"]
     llm = LLM(folder, dtype=args.dtype, cache_policy=args.cache_policy)
@@ -324,6 +514,9 @@ def main(argv: list[str] | None = None) -> dict:
         "equal_offline": sum(outcomes[i].text == o.text for i, o in zip(done, offline)),
         "offline_correct": sum(problems[i].check(o.text) for i, o in zip(done, offline)),
         "router": router, "killed_after_s": killed_at, "duration_s": duration, "fault": args.fault,
+        "victims": victims, "slow": slow, "memory_threshold_gb": None if threshold is None else threshold / 1e9,
+        "e2e_ms_before": percentiles([o.latency_s for o in outcomes if o.status == "ok" and o.sent_s < killed_at]),
+        "e2e_ms_after": percentiles([o.latency_s for o in outcomes if o.status == "ok" and o.sent_s >= killed_at]),
         "client_retried": sum(o.retries > 0 for o in outcomes), "client_retries": sum(o.retries for o in outcomes),
         "e2e_ms": percentiles([outcomes[i].latency_s for i in done]),
         "memory_start": memory_start, "memory_end": memory_end, "replicas_after": replicas_after,
@@ -333,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown)
     record = run_record("python -m dengine.bench.chaos", argv, check, model=folder.name, task=task.name,
                         gen_length=gen_length, block_length=block_length, result=result)
-    what = f"{folder.name}, {args.replicas} engines, {args.routers} routers, one {args.fault} killed: every request's latency"
+    what = f"{folder.name}, {args.replicas} engines, {args.routers} routers, fault {args.fault}: every request's latency"
     write_report(args.out, record, markdown,
                  (lambda path: plot(outcomes, killed_at, path, plot_title(record, what))) if args.plot else None)
     return record
@@ -348,7 +541,7 @@ def plot(outcomes: list[Outcome], killed_at: float | None, path: Path, title: st
                 ax.scatter([o.sent_s for o in chosen], [o.latency_s for o in chosen], s=8, color=colour,
                            label=f"{status} ({len(chosen)})")
         if killed_at is not None:
-            ax.axvline(killed_at, color="black", linestyle="--", linewidth=1, label="replica killed")
+            ax.axvline(killed_at, color="black", linestyle="--", linewidth=1, label="fault")
         ax.set_xlabel("sent at (s from the start)")
         ax.set_ylabel("latency (s)")
         ax.grid(True, alpha=0.3)

@@ -275,6 +275,19 @@ def show_engine_log() -> None:
         engine_log.propagate = False
 
 
+def ray_serving_environment() -> None:
+    """What a Ray started to serve dengine needs, each only where the user has not set it. Ray reads these when
+    its processes start: they change nothing on a cluster that is already up (`--address`)."""
+    # a busy machine starts Serve's HTTP proxy slowly; Serve's default 5 s readiness check would kill it
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    # Ray >= 2.56's memory monitor kills every worker of the node in one pass once the host crosses its threshold
+    # (measured: the Serve controller, both routers, control and both engines, for 45 MB over; docs/benchmarks.md
+    # 6c); the policy by owner group kills one worker a look, which the routers' and clients' retries survive
+    os.environ.setdefault("RAY_worker_killing_policy_by_group", "true")
+    # the proxy admits a request only once its whole body is in (dengine/serve/proxy.py)
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "dengine.serve.proxy.proxy_middlewares")
+
+
 def build_app(model: str | None = None, *, replicas: int = 1, routers: int = 2, num_cpus: float | None = None,
               num_gpus: float | None = None, model_name: str | None = None,
               defaults: dict[str, Any] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,

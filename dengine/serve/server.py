@@ -38,13 +38,12 @@ from dengine.explore import add_explore_route
 from dengine.llm import chat_prompt
 from dengine.sampling_params import SamplingParams
 from dengine.serve import protocol as p
+from dengine.serve.proxy import BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, body_timeout_response
 from dengine.serve.metrics import ServerMetrics
 from dengine.tasks import task_of_folder
 
 logger = logging.getLogger(__name__)
 JSON = "application/json"
-DEFAULT_MAX_BODY_BYTES = 4 << 20
-BODY_TIMEOUT_S = 15.0  # a whole body (at most DEFAULT_MAX_BODY_BYTES) must arrive within this
 # new requests are refused (503, Retry-After) while the host has less than this share of its RAM available: a
 # replica that keeps admitting work there is what the kernel's OOM killer or Ray's memory monitor stops next
 MEMORY_FLOOR = 0.05
@@ -428,11 +427,9 @@ def openai_app(post: Callable[[str, bytes], Awaitable[Response]], get: Callable[
         try:
             body = await asyncio.wait_for(read_body(request, max_body_bytes), body_timeout_s)
         except asyncio.TimeoutError:
-            error = p.RequestError(f"the request body did not arrive within {body_timeout_s:g} s", status=408,
-                                   code="request_timeout")
             if refused is not None:
-                refused(endpoint, error.status)
-            return p.error_response(error)
+                refused(endpoint, 408)
+            return body_timeout_response(body_timeout_s)
         except ClientDisconnect:  # the client went away mid-body: nobody to answer
             return Response(status_code=499)
         except p.RequestError as error:
