@@ -435,7 +435,6 @@ def main(argv: list[str] | None = None) -> dict:
         ray.init(address=cluster.address, log_to_driver=False)
     else:
         ray.init(num_cpus=max(2, int(args.replicas * args.num_cpus)), include_dashboard=False, log_to_driver=False)
-    victims: list[str] = []
     slow: dict = {}
     try:
         port = _free_port()
@@ -461,11 +460,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                          hold_s=BODY_TIMEOUT_S + 30)))
                 return
             if args.fault == "oom":
-                victims.extend(memory_hog_until_a_kill(threshold))
+                memory_hog_until_a_kill(threshold)
                 return
             if args.fault == "node":
                 cluster.remove_node(node)
-                victims.extend(wait_vanished(before, 30))
+                wait_vanished(before, 30)
                 time.sleep(args.node_return)
                 # a Ray node starts in the main thread only (it sets signal handlers): the clients' event loop
                 # runs there, so the clients pause while the new node starts
@@ -479,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
                 victim = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                               if a["name"].startswith("SERVE_REPLICA::dengine#engine#"))
                 ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-            victims.extend(wait_vanished(before, 30))
+            wait_vanished(before, 30)
 
         loops: list[asyncio.AbstractEventLoop] = []
 
@@ -488,10 +487,13 @@ def main(argv: list[str] | None = None) -> dict:
             return await run_load(url, bodies, args.concurrency, args.disconnect, int(args.kill_at * len(bodies)),
                                   args.seed, kill, not args.no_tqdm, args.client_retries)
 
+        alive = serve_replicas()
         started = time.perf_counter()
         outcomes, killed_at = asyncio.run(load())
         duration = time.perf_counter() - started
         _wait_running(args.replicas, args.routers)
+        now = serve_replicas()
+        victims = sorted(role for pid, role in alive.items() if pid not in now)  # every death of the run
         replicas_after = _replica_states(url, args.replicas)
         memory_end = memory_snapshot()
         time.sleep(1)  # the restarted router's first report
