@@ -339,7 +339,8 @@ def table(result: dict) -> str:
                                                    f"{result['router']['resumed_streams']}"),
             ("clients' retries (requests / times)", f"{result['client_retried']} / {result['client_retries']}"),
             (f"fault ({result['fault']}) struck after", f"{result['killed_after_s']:.1f} s"),
-            ("Serve actors that died", ", ".join(result["victims"]) or "none"),
+            ("Serve actors that died (the first after)", (", ".join(result["victims"]) or "none")
+             + (f" ({result['first_death_s']:.1f} s)" if result.get("first_death_s") is not None else "")),
             ("end-to-end p50 / p99", _p50_p99(result["e2e_ms"])),
             ("end-to-end p50 / p99, sent before / after the fault",
              f"{_p50_p99(result['e2e_ms_before'])} / {_p50_p99(result['e2e_ms_after'])}"),
@@ -436,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         ray.init(num_cpus=max(2, int(args.replicas * args.num_cpus)), include_dashboard=False, log_to_driver=False)
     slow: dict = {}
+    first_death: list[float] = []  # s from the load's start: the hog and the node removal take a while
     try:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
@@ -461,10 +463,12 @@ def main(argv: list[str] | None = None) -> dict:
                 return
             if args.fault == "oom":
                 memory_hog_until_a_kill(threshold)
+                first_death.append(time.perf_counter() - started)
                 return
             if args.fault == "node":
                 cluster.remove_node(node)
                 wait_vanished(before, 30)
+                first_death.append(time.perf_counter() - started)
                 time.sleep(args.node_return)
                 # a Ray node starts in the main thread only (it sets signal handlers): the clients' event loop
                 # runs there, so the clients pause while the new node starts
@@ -516,7 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
         "equal_offline": sum(outcomes[i].text == o.text for i, o in zip(done, offline)),
         "offline_correct": sum(problems[i].check(o.text) for i, o in zip(done, offline)),
         "router": router, "killed_after_s": killed_at, "duration_s": duration, "fault": args.fault,
-        "victims": victims, "slow": slow, "memory_threshold_gb": None if threshold is None else threshold / 1e9,
+        "victims": victims, "first_death_s": first_death[0] if first_death else None, "slow": slow, "memory_threshold_gb": None if threshold is None else threshold / 1e9,
         "e2e_ms_before": percentiles([o.latency_s for o in outcomes if o.status == "ok" and o.sent_s < killed_at]),
         "e2e_ms_after": percentiles([o.latency_s for o in outcomes if o.status == "ok" and o.sent_s >= killed_at]),
         "client_retried": sum(o.retries > 0 for o in outcomes), "client_retries": sum(o.retries for o in outcomes),
