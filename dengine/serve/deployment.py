@@ -281,8 +281,8 @@ def ray_serving_environment() -> None:
     # a busy machine starts Serve's HTTP proxy slowly; Serve's default 5 s readiness check would kill it
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     # Ray >= 2.56's memory monitor kills every worker of the node in one pass once the host crosses its threshold
-    # (measured: the Serve controller, both routers, control and both engines, for 45 MB over; docs/benchmarks.md
-    # 6c); the policy by owner group kills one worker a look, which the routers' and clients' retries survive
+    # (measured: the Serve controller, both routers, control and both engines, for 77 MB over; docs/benchmarks.md
+    # 6b: 8 of 300 lost); the policy by owner group kills one worker a look (1 of 300 lost, a router killed)
     os.environ.setdefault("RAY_worker_killing_policy_by_group", "true")
     # the proxy admits a request only once its whole body is in (dengine/serve/proxy.py)
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "dengine.serve.proxy.proxy_middlewares")

@@ -2,8 +2,8 @@
 
 Serve's proxy hands a request to a router replica as soon as its headers arrive; the router then pulls the
 body from the proxy, message by message, over Ray calls. A client that sends half a body and stops holds one
-of the router's request slots and a chain of Ray calls until the router's body timeout, so 10,000 such
-clients fill every slot and starve the proxy of CPU (measured: docs/benchmarks.md 6c). `WholeBodies` reads a
+of the router's request slots and a chain of Ray calls until the router's body timeout: 10,000 such clients
+took every slot and raised the other clients' p99 from 3 s to 17 s (docs/benchmarks.md 6b). `WholeBodies` reads a
 POST's body in the proxy first, within the same timeout and up to the default body limit: a half-sent body
 costs a waiting coroutine in the proxy and ends with a 408 from there; a whole one is replayed to Serve
 untouched. A body declared or found larger than the limit is passed on as it streams (the router applies its
