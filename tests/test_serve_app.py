@@ -728,6 +728,10 @@ def test_an_engine_replica_aborts_the_requests_of_a_router_that_died(chat_folder
         assert survivor_parts[-1] == b"data: [DONE]\n\n"
     else:
         assert orphan_parts == []  # it never got to answer
-        assert json.loads(survivor_parts[-1])["usage"]["completion_tokens"] == 480
+        # decoded to its end untouched: the same answer as the request alone (how many of its 480 positions
+        # count as completion depends on where the near-random test model puts its end of text)
+        alone = asyncio.run(read("alive"))
+        assert json.loads(survivor_parts[-1])["choices"] == json.loads(alone[-1])["choices"]
+        assert json.loads(survivor_parts[-1])["usage"] == json.loads(alone[-1])["usage"]
     assert final.running == 0 and final.kv_blocks_used == 0
     assert replica.routers.readers == {} and replica.routers.died == {}

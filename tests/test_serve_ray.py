@@ -136,6 +136,30 @@ def test_32_concurrent_mixed_requests_all_complete_with_correct_outputs(url, cha
     assert texts == [o.text for o in expected]
 
 
+def test_half_sent_bodies_get_408_from_serve_and_whole_requests_are_answered_meanwhile(url):
+    """Through Serve's proxy (with dengine's middleware, as `dengine serve` starts it): 30 connections that send
+    headers and 10 body bytes get their 408 after the body timeout; a whole request meanwhile is answered."""
+    import asyncio
+    from urllib.parse import urlparse
+
+    from dengine.bench.chaos import slow_connections
+    from dengine.serve.proxy import BODY_TIMEOUT_S
+
+    address = urlparse(url)
+
+    async def both():
+        slow = asyncio.create_task(slow_connections(address.hostname, address.port, 30, hold_s=BODY_TIMEOUT_S + 30))
+        await asyncio.sleep(1)
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "Add: a3 b4"}], "max_tokens": 32}
+        whole = await asyncio.to_thread(requests.post, f"{url}/v1/chat/completions", json=chat, timeout=60)
+        return await slow, whole
+
+    slow, whole = asyncio.run(both())
+    assert slow["ended"] == {"408": 30}, slow
+    assert BODY_TIMEOUT_S <= slow["answered_s"]["p50"] / 1e3 < BODY_TIMEOUT_S + 20
+    assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"]
+
+
 def test_bad_requests_get_400_over_http_and_serving_continues(url):
     for body in (b"{", b'{"prompt": 3}', b'{"prompt": "x", "bogus": true}', b'{"prompt": "x", "max_tokens": -1}',
                  b'{"prompt": "x", "max_tokens": 100000}'):
