@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import json
 import multiprocessing
@@ -173,7 +174,7 @@ async def slow_connections(host: str, port: int, count: int, hold_s: float, body
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {body_bytes}\r\n\r\n").encode() + b'{"messages"'[:sent_bytes]
     connecting = asyncio.Semaphore(256)  # connects in flight: within the listen backlog
-    ended: dict[str, int] = {}
+    ended: collections.Counter[str] = collections.Counter()
     answered_s: list[float] = []
 
     async def one() -> None:
@@ -181,7 +182,7 @@ async def slow_connections(host: str, port: int, count: int, hold_s: float, body
             async with connecting:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
         except (OSError, asyncio.TimeoutError):
-            ended["refused"] = ended.get("refused", 0) + 1
+            ended["refused"] += 1
             return
         start = time.perf_counter()
         try:
@@ -196,10 +197,10 @@ async def slow_connections(host: str, port: int, count: int, hold_s: float, body
             how = "closed"
         finally:
             writer.close()
-        ended[how] = ended.get(how, 0) + 1
+        ended[how] += 1
 
     await asyncio.gather(*(one() for _ in range(count)))
-    return {"count": count, "ended": ended, "answered_s": percentiles(answered_s)}
+    return {"count": count, "ended": dict(ended), "answered_s": percentiles(answered_s)}
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, abandon: float | None) -> Outcome:
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-requests", type=positive_int, default=300)
     parser.add_argument("--disconnect", type=float, default=0.1, help="fraction of requests abandoned by clients")
     parser.add_argument("--routers", type=positive_int, default=2)
-    parser.add_argument("--kill-at", type=float, default=0.4, help="kill a replica after this fraction was sent")
+    parser.add_argument("--kill-at", type=float, default=0.4, help="the fault strikes after this fraction was sent")
     parser.add_argument("--fault", choices=FAULTS, default="engine",
                         help="what strikes: an engine replica killed (ray.kill); a router's process killed (SIGKILL); "
                              "memory taken by another process until Ray's memory monitor kills a replica (oom); the "
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from dengine import LLM, SamplingParams
     from dengine.serve.deployment import build_app, ray_serving_environment
-    from dengine.serve.server import BODY_TIMEOUT_S
+    from dengine.serve.proxy import BODY_TIMEOUT_S
 
     folder = resolve_model(args.model)
     task = get_task(args.task) if args.task else task_of_model(folder)
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         ray.init(num_cpus=max(2, int(args.replicas * args.num_cpus)), include_dashboard=False, log_to_driver=False)
     slow: dict = {}
-    first_death: list[float] = []  # s from the load's start: the hog and the node removal take a while
+    first_death: list[float] = []  # s from the load's start (a memory hog and a node removal take seconds)
     try:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
@@ -456,33 +457,30 @@ def main(argv: list[str] | None = None) -> dict:
         control = serve.get_deployment_handle("control", "dengine")
 
         def kill() -> None:
-            before = serve_replicas()
             if args.fault == "slow":
                 slow.update(asyncio.run(slow_connections("127.0.0.1", port, args.slow_clients,
                                                          hold_s=BODY_TIMEOUT_S + 30)))
                 return
+            before = serve_replicas()
             if args.fault == "oom":
                 memory_hog_until_a_kill(threshold)
-                first_death.append(time.perf_counter() - started)
-                return
-            if args.fault == "node":
+            elif args.fault == "node":
                 cluster.remove_node(node)
-                wait_vanished(before, 30)
-                first_death.append(time.perf_counter() - started)
-                time.sleep(args.node_return)
-                # a Ray node starts in the main thread only (it sets signal handlers): the clients' event loop
-                # runs there, so the clients pause while the new node starts
-                joined = concurrent.futures.Future()
-                loops[0].call_soon_threadsafe(lambda: joined.set_result(cluster.add_node(num_cpus=args.num_cpus)))
-                joined.result()
-                return
-            if args.fault == "router":  # the process, as the OOM killer or kill -9 would
+            elif args.fault == "router":  # the process, as the OOM killer or kill -9 would
                 os.kill(next(iter(control.routers.remote().result().values()))["pid"], signal.SIGKILL)
             else:
                 victim = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                               if a["name"].startswith("SERVE_REPLICA::dengine#engine#"))
                 ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             wait_vanished(before, 30)
+            first_death.append(time.perf_counter() - started)
+            if args.fault == "node":
+                time.sleep(args.node_return)
+                # a Ray node starts in the main thread only (it sets signal handlers): the clients' event loop
+                # runs there, so the clients pause while the new node starts
+                joined = concurrent.futures.Future()
+                loops[0].call_soon_threadsafe(lambda: joined.set_result(cluster.add_node(num_cpus=args.num_cpus)))
+                joined.result()
 
         loops: list[asyncio.AbstractEventLoop] = []
 
@@ -520,7 +518,8 @@ def main(argv: list[str] | None = None) -> dict:
         "equal_offline": sum(outcomes[i].text == o.text for i, o in zip(done, offline)),
         "offline_correct": sum(problems[i].check(o.text) for i, o in zip(done, offline)),
         "router": router, "killed_after_s": killed_at, "duration_s": duration, "fault": args.fault,
-        "victims": victims, "first_death_s": first_death[0] if first_death else None, "slow": slow, "memory_threshold_gb": None if threshold is None else threshold / 1e9,
+        "victims": victims, "first_death_s": first_death[0] if first_death else None, "slow": slow,
+        "memory_threshold_gb": None if threshold is None else threshold / 1e9,
         "e2e_ms_before": percentiles([o.latency_s for o in outcomes if o.status == "ok" and o.sent_s < killed_at]),
         "e2e_ms_after": percentiles([o.latency_s for o in outcomes if o.status == "ok" and o.sent_s >= killed_at]),
         "client_retried": sum(o.retries > 0 for o in outcomes), "client_retries": sum(o.retries for o in outcomes),

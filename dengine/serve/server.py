@@ -38,8 +38,8 @@ from dengine.explore import add_explore_route
 from dengine.llm import chat_prompt
 from dengine.sampling_params import SamplingParams
 from dengine.serve import protocol as p
-from dengine.serve.proxy import BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, body_timeout_response
 from dengine.serve.metrics import ServerMetrics
+from dengine.serve.proxy import BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, body_timeout_response
 from dengine.tasks import task_of_folder
 
 logger = logging.getLogger(__name__)
