@@ -42,6 +42,15 @@ def test_drift_equals_the_dense_reference_by_hand(folders, family, seed):
         others = [p for p in range(new.shape[2]) if p not in positions]
         assert step.drift_others == pytest.approx(
             float((new[:, :, others] - old[:, :, others]).norm() / new[:, :, others].norm()), rel=1e-5)
+        # the suffix: the positions after the block of step s + 1 (the first block still holding a mask)
+        masked = (trajectory.canvases[s + 1][len(prompt):] == model.config.mask_token_id).nonzero().flatten()
+        suffix = list(range(len(prompt) + (int(masked[0]) // 8 + 1) * 8, new.shape[2]))
+        if suffix:
+            assert step.drift_suffix == pytest.approx(
+                float((new[:, :, suffix] - old[:, :, suffix]).norm() / new[:, :, suffix].norm()), rel=1e-4, abs=1e-6)
+            # (masks far ahead drift little: float32 softmax rounding is a visible share of it, as per position)
+        else:
+            assert math.isnan(step.drift_suffix)
         for layer, value in enumerate(step.layer_drift):
             assert value == pytest.approx(float((new[layer] - old[layer]).norm() / new[layer].norm()), rel=1e-5)
         for p in range(new.shape[2]):
@@ -93,6 +102,7 @@ def test_spearman_and_ranks_by_hand():
     ry = torch.tensor([1.0, 2, 3, 4]) - 2.5
     assert drift.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(float((rx @ ry) / (rx.norm() * ry.norm())))
     assert math.isnan(drift.spearman([1, 1, 1], [1, 2, 3]))
+    assert drift.spearman([1, 9, 2, 3], [1, math.nan, 3, 2]) == pytest.approx(0.5), "pairs without a value dropped"
 
 
 def test_lag_profile_by_hand():

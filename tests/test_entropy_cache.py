@@ -81,6 +81,34 @@ def test_large_tau_and_k_zero_computes_only_the_block_masks(folders, family, mon
     assert out.metrics.avg_query_tokens < length
 
 
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_suffix_adds_every_position_after_the_block(folders, family, monkeypatch, seed):
+    from dengine.scheduler.sequence import Sequence
+
+    planned = []
+    original = Sequence.plan
+
+    def recording_plan(self):
+        queries = original(self)
+        planned.append((self.masked_in_block().tolist(), self.block_end, queries[0].query_positions.tolist(),
+                        self.num_tokens))
+        return queries
+
+    monkeypatch.setattr(Sequence, "plan", recording_plan)
+    rng = random.Random(seed)
+    llm = _llm(folders[family], cache_config={"tau": 1e9, "k": 0, "recent_steps": 0, "suffix": True})
+    prompt = {"prompt_token_ids": [rng.randrange(300) for _ in range(rng.randint(2, 9))]}
+    threshold = rng.choice([None, 0.3])
+    out = llm.generate(prompt, SamplingParams(gen_length=24, block_length=8, steps=24 if threshold is None else 12,
+                                              threshold=threshold), use_tqdm=False)[0]
+    partial = [(masked, end, query, length) for masked, end, query, length in planned if len(query) < length]
+    assert len(partial) == out.metrics.nfe - out.metrics.full_recomputes and partial
+    assert any(end < length for _, end, _, length in partial), "some partial step has a suffix"
+    for masked, end, query, length in partial:
+        expected = set(masked) | ({p - 1 for p in masked} if family == "dream" else set()) | set(range(end, length))
+        assert query == sorted(expected)
+
+
 def test_k_recent_orders_by_commit_step_then_position():
     policy = make_policy("entropy", {"tau": 10.0, "k": 4})
     uniform = torch.full((1, 5), 0.2)
@@ -228,7 +256,8 @@ def test_defaults_follow_the_sampler():
     _commit(chosen, [3], torch.full((1, 4), 0.25), seq=Seq(True))
     assert (chosen.effective.signal, chosen.effective.tau) == ("max", 0.5), "a set option is never overridden"
     assert ONE_TOKEN_DEFAULTS["signal"] == "max" and not ONE_TOKEN_DEFAULTS["accumulate"] \
-        and ONE_TOKEN_DEFAULTS["recent_steps"] == 0, "one token per step keeps the paper's rule"
+        and ONE_TOKEN_DEFAULTS["recent_steps"] == 0 and not ONE_TOKEN_DEFAULTS["suffix"], \
+        "one token per step keeps the paper's rule"
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -239,7 +268,7 @@ def test_parallel_options_at_their_extremes(folders, family, seed):
     extra = {"remasking": "maskgit_plus"} if family == "dream" else {}
     threshold = SamplingParams(gen_length=24, block_length=8, steps=12, threshold=0.3, **extra)
     exact = _llm(folders[family], "none").generate(prompt, threshold, use_tqdm=False)[0]
-    budget = {"signal": "sum", "accumulate": True, "recent_steps": 2}
+    budget = {"signal": "sum", "accumulate": True, "recent_steps": 2, "suffix": rng.random() < 0.5}
     out = _llm(folders[family]).generate(prompt, threshold.replace(cache_config={"tau": 0.0, **budget}),
                                         use_tqdm=False)[0]
     assert out.token_ids == exact.token_ids and out.metrics.full_recompute_rate == 1.0
@@ -259,7 +288,8 @@ def test_parallel_options_decide_per_sequence_and_batch_invariantly_in_fp32(fold
     rng = random.Random(seed)
     configs = [{"tau": 0.0, "k": 2}, {"tau": rng.choice([0.05, 0.5]), "k": 4, "signal": "sum", "accumulate": True,
                                        "recent_steps": 1},
-               {"tau": 1e9, "k": 0, "recent_steps": 2}, {"tau": 0.2, "k": 1, "signal": "sum"}]
+               {"tau": 1e9, "k": 0, "recent_steps": 2}, {"tau": 0.2, "k": 1, "signal": "sum"},
+               {"tau": rng.choice([0.3, 1e9]), "k": 8, "recent_steps": 1, "suffix": True}]
     prompts = [{"prompt_token_ids": [rng.randrange(300) for _ in range(rng.randint(2, 12))]} for _ in configs]
     extra = {"remasking": "maskgit_plus"} if family == "dream" else {}
     params = [SamplingParams(gen_length=24, block_length=8, steps=12, threshold=0.3, cache_config=c, **extra)

@@ -7,7 +7,9 @@ after step s are those of canvas x_s, and after step s + 1 those of x_{s+1}, the
 commits. Their difference is exactly how stale a cache that skipped step s + 1's recompute would be:
 
 (a) entropy tracks drift: per step s, the relative L2 drift ||KV(x_{s+1}) - KV(x_s)|| / ||KV(x_{s+1})||
-    over every layer, K and V, every position (and over the positions not committed at s), against the
+    over every layer, K and V, every position (and over the positions not committed at s, the settled ones,
+    and those after the next step's block: the still-masked suffix a partial step reads from the cache unless
+    EntropyCache's `suffix` recomputes it), against the
     maximum entropy of the tokens committed at s, and against cheaper or rival signals (mean entropy,
     max 1 - confidence, the number of commits): Spearman rank correlations over all steps of all problems;
 (c) for parallel decoding (several commits a step), the drift a cache accumulates: for every window of
@@ -47,6 +49,7 @@ SIGNALS = ("max_entropy", "mean_entropy", "max_one_minus_confidence", "num_commi
            "count_x_max_entropy", "sum_one_minus_confidence")
 MAX_WINDOW = 8
 WINDOW_SIGNALS = ("sum_entropy", "max_entropy", "sum_step_max_entropy", "num_commits", "steps")
+TARGETS = ("drift", "drift_others", "drift_settled", "drift_suffix")  # which positions' K/V drift
 
 
 class RecordingNoCache(NoCache):
@@ -68,6 +71,7 @@ class StepDrift:
     drift: float  # every position
     drift_others: float  # positions not committed at s
     drift_settled: float  # the prompt and the tokens committed before s
+    drift_suffix: float  # the positions after the next step's block (still masks); nan where there are none
     layer_drift: list[float]
 
 
@@ -147,9 +151,10 @@ def decode_with_drift(engine: LLMEngine, prompt, params: SamplingParams, keep_ca
     recorder = RecordingNoCache()
     seq.policy = recorder
     engine.add_sequence(seq)
-    snapshots, canvases, table = [], [], None
+    snapshots, canvases, block_ends, table = [], [], [], None
     while not seq.is_finished:
         canvases.append(seq.canvas.clone())
+        block_ends.append(seq.block_end)
         engine.step()
         # A sequence's blocks never change while it runs; the last step frees them (unwritten since).
         table = seq.block_tables[0] if seq.block_tables else table
@@ -176,11 +181,14 @@ def decode_with_drift(engine: LLMEngine, prompt, params: SamplingParams, keep_ca
             continue  # nothing committed: the canvas did not change
         others = torch.ones(seq.num_tokens, dtype=torch.bool)
         others[outcome.positions] = False
+        suffix = slice(block_ends[s + 1], seq.num_tokens)  # what step s + 1 reads beyond its block
         steps.append(StepDrift(
             signals=signals[s],
             drift=relative_drift(new, old),
             drift_others=relative_drift(new[:, :, others], old[:, :, others]),
             drift_settled=relative_drift(new[:, :, settled[s]], old[:, :, settled[s]]),
+            drift_suffix=(relative_drift(new[:, :, suffix], old[:, :, suffix]) if block_ends[s + 1] < seq.num_tokens
+                          else math.nan),
             layer_drift=[relative_drift(new[layer], old[layer]) for layer in range(new.shape[0])],
         ))
     return Trajectory(steps, torch.stack(per_position) if per_position else torch.zeros(0, seq.num_tokens),
@@ -204,11 +212,19 @@ def average_ranks(values: list[float]) -> torch.Tensor:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (Pearson on average ranks); nan when either side is constant."""
+    """Spearman's rank correlation (Pearson on average ranks) over the pairs where y is a number; nan when
+    either side is constant."""
+    x, y = zip(*[(a, b) for a, b in zip(x, y) if not math.isnan(b)]) if x else ((), ())
+    if not x:
+        return math.nan
     rx, ry = average_ranks(x), average_ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denominator = float(rx.norm() * ry.norm())
     return float((rx * ry).sum()) / denominator if denominator > 0 else math.nan
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 def lag_profile(trajectories: list[Trajectory], max_lag: int = MAX_LAG) -> list[dict[str, float]]:
@@ -241,15 +257,16 @@ def reference_drift(trajectories: list[Trajectory], prompt_lengths: list[int]) -
             committed[position] = step
         still_masked = committed[None, length:] > torch.arange(steps)[:, None]  # [steps, generated]
         masked.append(t.position_drift[:, length:][still_masked])
-    mean = lambda parts: float(torch.cat(parts).mean()) if parts else math.nan  # noqa: E731
-    return mean(prompt), mean(masked)
+    joined = lambda parts: float(torch.cat(parts).mean()) if parts else math.nan  # noqa: E731
+    return joined(prompt), joined(masked)
 
 
 @dataclass
 class DriftReport:
     n: int
     steps: int
-    correlations: dict[str, dict[str, float]]  # signal -> {"drift": rho, "drift_others": rho, "drift_settled": rho}
+    correlations: dict[str, dict[str, float]]  # signal -> {target: rho} for every target of TARGETS
+    mean_drift: dict[str, float]  # target -> mean over the steps where it has positions
     window_correlations: dict[str, float]  # (c): window signal -> rho against the settled positions' drift
     windows: int
     layer_drift: list[float]  # mean per layer
@@ -263,9 +280,11 @@ def summarise(trajectories: list[Trajectory], prompt_lengths: list[int]) -> Drif
     steps = [s for t in trajectories for s in t.steps]
     correlations = {
         signal: {target: spearman([s.signals[signal] for s in steps], [getattr(s, target) for s in steps])
-                 for target in ("drift", "drift_others", "drift_settled")}
+                 for target in TARGETS}
         for signal in SIGNALS
     }
+    mean_drift = {target: mean([getattr(s, target) for s in steps if not math.isnan(getattr(s, target))])
+                  for target in TARGETS}
     windows = [w for t in trajectories for w in t.windows]
     window_correlations = {signal: spearman([w[signal] for w in windows], [w["drift_settled"] for w in windows])
                            for signal in WINDOW_SIGNALS}
@@ -273,7 +292,7 @@ def summarise(trajectories: list[Trajectory], prompt_lengths: list[int]) -> Drif
     layer_drift = [sum(s.layer_drift[i] for s in steps) / len(steps) for i in range(layers)]
     points = [{name: float(f"{value:.4g}") for name, value in  # 4 digits: enough to redraw the plots
                {**s.signals, "drift": s.drift, "drift_others": s.drift_others}.items()} for s in steps]
-    return DriftReport(len(trajectories), len(steps), correlations, window_correlations, len(windows),
+    return DriftReport(len(trajectories), len(steps), correlations, mean_drift, window_correlations, len(windows),
                        layer_drift, lag_profile(trajectories),
                        *reference_drift(trajectories, prompt_lengths), points)
 
@@ -284,9 +303,13 @@ def markdown(report: DriftReport) -> str:
 
     lines = [f"{report.n} problems, {report.steps} steps with commits.", "",
              "| signal of step s's commits | Spearman vs drift (all positions) | vs drift (others) "
-             "| vs drift (settled: prompt and earlier commits) |", "|---|---|---|---|"]
-    lines += [f"| {signal} | {cell(c['drift'])} | {cell(c['drift_others'])} | {cell(c['drift_settled'])} |"
+             "| vs drift (settled: prompt and earlier commits) | vs drift (suffix: after the next step's block) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {signal} | " + " | ".join(cell(c[target]) for target in TARGETS) + " |"
               for signal, c in report.correlations.items()]
+    lines += ["", "Mean relative drift per step: " + ", ".join(
+        f"{target.replace('drift_', '') if target != 'drift' else 'all positions'} {value:.4f}"
+        for target, value in report.mean_drift.items()) + "."]
     lines += ["", f"Windows of 1 to {MAX_WINDOW} steps ({report.windows}): the settled positions' drift from the "
               "window's start to its end against the window's commits:", "",
               "| signal of the window's commits | Spearman vs drift (settled) |", "|---|---|"]

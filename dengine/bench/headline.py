@@ -29,7 +29,8 @@ from dengine.llm import LLM
 from dengine.tasks import generation_lengths
 
 VANILLA = ("one-token", "none", None)
-PUBLISHED = ["entropy", 'entropy:{"tau": 0.01, "k": 2, "signal": "max", "accumulate": false, "recent_steps": 0}',
+PUBLISHED = ["entropy", 'entropy:{"tau": 0.01, "k": 2, "signal": "max", "accumulate": false, "recent_steps": 0, '
+             '"suffix": false}',
              "dual", "d2cache", "dllm"]
 
 

@@ -11,8 +11,10 @@ Under parallel decoding a step commits several tokens, and the paper's rule misr
 there, and reduce to it when one token commits per step: `signal` "sum" scores a step by the entropy mass of
 its commits; `accumulate` adds the scores of the steps since the last full recompute (a drift budget);
 `recent_steps` j makes partial steps also recompute every token committed in the last j steps, so a step's
-commits never keep the K/V they had as masks. Unset options take per-sampler defaults (ONE_TOKEN_DEFAULTS,
-PARALLEL_DEFAULTS), both still the paper's rule until a calibration over both tasks picks another.
+commits never keep the K/V they had as masks. `suffix` makes partial steps also recompute every position after
+the current block (the answer's still-masked remainder, Fast-dLLM's prefix-cache window): on the long task the
+stale K/V that cost accuracy are the suffix's, not the prompt's or the committed tokens' (docs/benchmarks.md
+2c). Unset options take per-sampler defaults (ONE_TOKEN_DEFAULTS, PARALLEL_DEFAULTS).
 """
 
 from __future__ import annotations
@@ -27,20 +29,22 @@ from dengine.trace import Decision
 
 
 class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
-    """The paper's rule is signal "max", accumulate false, recent_steps 0; an unset option (None) takes
-    ONE_TOKEN_DEFAULTS or, for threshold / factor decoding, PARALLEL_DEFAULTS."""
+    """The paper's rule is signal "max", accumulate false, recent_steps 0, suffix false; an unset option
+    (None) takes ONE_TOKEN_DEFAULTS or, for threshold / factor decoding, PARALLEL_DEFAULTS."""
 
-    # Calibrated by benchmarks/calibrate_entropy.py on llada-sudoku and dream-sudoku (task sudoku4, 200
-    # held-out puzzles), one token per step and threshold 0.9 (docs/benchmarks.md section 2). Rule: of the
-    # tau x k grid, the settings within 1 accuracy point of "none" in all four runs, the one with the least
-    # query tokens per forward summed over the runs; ties within 5% go to the most conservative (lowest
-    # tau, then largest k). Recalibrate for your own model and task.
+    # Calibrated by benchmarks/calibrate_entropy.py on the embedded models: one token per step on
+    # llada-sudoku and dream-sudoku (task sudoku4, 200 held-out puzzles; docs/benchmarks.md section 2),
+    # threshold 0.9 on those and on llada-chain and dream-chain (sudoku-chain, 96 held-out; section 2c).
+    # Rule: of the grid, the settings within 1 accuracy point of "none" in every run, the one with the
+    # least query tokens per forward summed over the runs (each relative to its "none"); ties within 5% go
+    # to the most conservative (lowest tau, then largest k). Recalibrate for your own model and task.
     tau: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     k: Annotated[int, msgspec.Meta(ge=0)] | None = None
     refresh_on_block_start: bool = False
     signal: Literal["max", "sum"] | None = None  # how one step's commits' entropies combine
     accumulate: bool | None = None  # sum the step signals since the last full recompute
     recent_steps: Annotated[int, msgspec.Meta(ge=0)] | None = None  # also recompute all commits of the last j steps
+    suffix: bool | None = None  # partial steps also recompute every position after the current block
 
     def resolved(self, parallel: bool) -> "EntropyOptions":
         """Every unset option filled with the sampler's default."""
@@ -49,8 +53,9 @@ class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
                                                 if getattr(self, name) is None})
 
 
-ONE_TOKEN_DEFAULTS = {"tau": 0.01, "k": 2, "signal": "max", "accumulate": False, "recent_steps": 0}
-PARALLEL_DEFAULTS = {"tau": 0.01, "k": 2, "signal": "max", "accumulate": False, "recent_steps": 0}
+ONE_TOKEN_DEFAULTS = {"tau": 0.01, "k": 2, "signal": "max", "accumulate": False, "recent_steps": 0, "suffix": False}
+# Threshold / factor decoding: the joint rule over sudoku4 and sudoku-chain, both models (docs/benchmarks.md 2c).
+PARALLEL_DEFAULTS = {"tau": 0.01, "k": 8, "signal": "sum", "accumulate": True, "recent_steps": 1, "suffix": True}
 
 
 def step_entropy(probs: torch.Tensor, signal: str) -> float:
@@ -81,9 +86,10 @@ class EntropyCache(CachePolicy):
     def plan(self, seq) -> torch.Tensor | None:
         if self.needs_full_recompute or (self.options.refresh_on_block_start and seq.block_step == 0):
             return None
-        if not self.recent.numel():
-            return seq.masked_in_block()
-        return torch.cat([self.recent, seq.masked_in_block()])
+        parts = [self.recent, seq.masked_in_block()] if self.recent.numel() else [seq.masked_in_block()]
+        if self.effective.suffix and seq.block_end < seq.num_tokens:  # effective: set by the first observe
+            parts.append(torch.arange(seq.block_end, seq.num_tokens))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def observe(self, seq, outcome, full: bool) -> None:
         if outcome.positions.numel() == 0:
@@ -119,5 +125,6 @@ class EntropyCache(CachePolicy):
             reason = "block start refresh"
         else:
             reason = (f"{name} {self.last_entropy:.3g} <= tau {tau:g}: the block's masks and the "
-                      f"{self.recent.numel()} latest commits")
+                      f"{self.recent.numel()} latest commits" + (", and every position after the block"
+                                                                  if options.suffix else ""))
         return Decision(full=full, reason=reason, signal=self.last_entropy, threshold=tau)
