@@ -127,11 +127,17 @@ class AsyncLLMEngine:
         self._ensure_loop()
         return seq.request_id
 
-    async def stream(self, request_id: str) -> AsyncIterator[StreamChunk]:
-        """The chunks of a queued request; leaving early (break, cancel, disconnect) aborts it."""
+    def stream(self, request_id: str) -> AsyncIterator[StreamChunk]:
+        """The chunks of a queued request; leaving early (break, cancel, disconnect) aborts it.
+
+        The request is looked up now, not at the first chunk: a request that finishes before its iterator is
+        first awaited (the second of n answers, read after the first's chunk) still yields its chunks."""
         stream = self._streams.get(request_id)
         if stream is None:
             raise KeyError(f"no unfinished request {request_id!r}")
+        return self._chunks(request_id, stream)
+
+    async def _chunks(self, request_id: str, stream: _Stream) -> AsyncIterator[StreamChunk]:
         try:
             while True:
                 item = await stream.queue.get()

@@ -82,6 +82,25 @@ def test_concurrent_requests_with_mixed_parameters_all_complete_correctly(chat_f
     assert manager.num_free_blocks == manager.pool.num_blocks and engine.num_unfinished == 0
 
 
+def test_a_request_that_finishes_before_its_stream_is_first_awaited_still_streams(chat_folders):
+    """The second of n answers is read only after the first's chunk: it may have finished by then."""
+    engine = AsyncLLMEngine(_engine(chat_folders["llada"]))
+
+    async def run():
+        first = engine.add_request("Add: a1 b2", SamplingParams(gen_length=8, block_length=8))
+        second = engine.add_request("Add: a3", SamplingParams(gen_length=8, block_length=8))
+        streams = [engine.stream(first), engine.stream(second)]  # as the server's n-answer streams do
+        whole = await engine.generate_full("Add: a4", SamplingParams(gen_length=8, block_length=8))
+        assert engine.num_unfinished == 0, "both finished before either stream was awaited"
+        return whole, [[chunk async for chunk in stream] for stream in streams]
+
+    whole, chunks = asyncio.run(run())
+    for answer in chunks:
+        assert answer[-1].finished and answer[-1].output is not None
+        assert "".join(c.text for c in answer) == answer[-1].output.text
+    assert whole.finished
+
+
 def test_leaving_a_stream_early_aborts_the_request_and_frees_its_blocks(chat_folders):
     engine = AsyncLLMEngine(_engine(chat_folders["llada"]))
 
