@@ -101,6 +101,23 @@ def test_a_request_that_finishes_before_its_stream_is_first_awaited_still_stream
     assert whole.finished
 
 
+def test_leaving_n_streamed_answers_early_aborts_the_ones_not_read_yet(chat_folders):
+    engine = AsyncLLMEngine(_engine(chat_folders["llada"]))
+    server = OpenAIServer(engine, "tiny", DEFAULTS)
+
+    async def run():
+        ids = [engine.add_request(f"Add: a{i}", SamplingParams(gen_length=64, block_length=8)) for i in range(3)]
+        chunks = server._choice_chunks(ids)
+        index, _ = await anext(chunks)  # the client reads answer 0's first block, then leaves
+        await chunks.aclose()
+        assert index == 0
+        await engine.generate_full("Add: a4", SamplingParams(gen_length=8))  # one more step frees them
+
+    asyncio.run(run())
+    manager = engine.engine.kv_manager
+    assert engine.num_unfinished == 0 and manager.num_free_blocks == manager.pool.num_blocks
+
+
 def test_leaving_a_stream_early_aborts_the_request_and_frees_its_blocks(chat_folders):
     engine = AsyncLLMEngine(_engine(chat_folders["llada"]))
 

@@ -272,6 +272,8 @@ class OpenAIServer:
         finally:
             for stream in streams:  # leaving early (a client gone) aborts the answers still decoding
                 await stream.aclose()
+            for request_id in request_ids:  # those not read yet too (aclose runs nothing in an unstarted one)
+                self.engine.abort(request_id)  # a no-op for a finished answer
 
     def _answer(self, request: p.DiffusionFields) -> p.Answer:
         return p.Answer(request, self.stop_ids, self.engine.engine.tokenizer)
