@@ -224,7 +224,9 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+    """The mean of the values that are numbers (nan marks a step without the positions measured)."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return sum(numbers) / len(numbers) if numbers else math.nan
 
 
 def lag_profile(trajectories: list[Trajectory], max_lag: int = MAX_LAG) -> list[dict[str, float]]:
@@ -238,7 +240,7 @@ def lag_profile(trajectories: list[Trajectory], max_lag: int = MAX_LAG) -> list[
                     break
                 by_lag[lag].append(float(trajectory.position_drift[step, position]))
     return [{"lag": lag, "count": len(values),
-             "mean": sum(values) / len(values) if values else math.nan,
+             "mean": mean(values),
              "median": float(torch.tensor(values).median()) if values else math.nan}
             for lag, values in enumerate(by_lag)]
 
@@ -283,8 +285,7 @@ def summarise(trajectories: list[Trajectory], prompt_lengths: list[int]) -> Drif
                  for target in TARGETS}
         for signal in SIGNALS
     }
-    mean_drift = {target: mean([getattr(s, target) for s in steps if not math.isnan(getattr(s, target))])
-                  for target in TARGETS}
+    mean_drift = {target: mean([getattr(s, target) for s in steps]) for target in TARGETS}
     windows = [w for t in trajectories for w in t.windows]
     window_correlations = {signal: spearman([w[signal] for w in windows], [w["drift_settled"] for w in windows])
                            for signal in WINDOW_SIGNALS}
