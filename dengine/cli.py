@@ -158,19 +158,42 @@ def quiet_ray_logs() -> None:
     (a log file); no warning that a new local cluster turned on token authentication (Ray's default, kept), and
     no "Connecting to existing Serve app" line, which `serve.run` logs after the `serve.start` this command
     makes itself."""
-    if not sys.stdout.isatty():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     for name, start in (("ray._private.authentication.authentication_token_setup", "Token authentication is enabled"),
                         ("ray.serve", "Connecting to existing Serve app"),
                         ("ray.data", "Progress bars disabled")):  # run-batch draws its own
         logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
-    if not sys.stdout.isatty():  # the dashboard's address comes wrapped in colour codes
-        logging.getLogger("ray._private.worker").addFilter(_strip_colour)
+    # Ray colours more than its RAY_COLOR_PREFIX covers (the dashboard's address, "[repeated 2x across cluster]"
+    # on deduplicated replica lines) and its driver writes to whatever sys.stdout / sys.stderr are at the time
+    plain = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not stream.isatty() and not isinstance(stream, WithoutColour):
+            plain[stream] = WithoutColour(stream)
+            setattr(sys, name, plain[stream])
+    # and its log handlers, made at `import ray`, keep the stream of that time
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    for handler in (handler for logger in loggers for handler in logger.handlers):
+        if isinstance(handler, logging.StreamHandler) and vars(handler).get("stream") in plain:  # (not one that
+            handler.setStream(plain[handler.stream])  # looks sys.stderr up at each record: it has the wrapper)
 
 
-def _strip_colour(record: logging.LogRecord) -> bool:
-    record.msg, record.args = ANSI_CODE.sub("", record.getMessage()), None
-    return True
+class WithoutColour:
+    """A text stream that drops terminal colour codes from what is written to it (a log file gets plain text)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(ANSI_CODE.sub("", text))
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def _drain(grace_s: float) -> None:

@@ -122,3 +122,46 @@ def test_bench_serve_takes_the_clients_base_url_and_says_when_no_server_answers(
         cli.main(["bench", "serve", "--url", "http://127.0.0.1:9/v1"])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "no dengine server answers at http://127.0.0.1:9/v1/models" in err
+
+
+def test_quiet_ray_logs_writes_what_ray_prints_without_colour_codes_when_the_output_is_not_a_terminal(monkeypatch):
+    import io
+    import logging
+    import sys
+
+    from ray._private import ray_logging, worker
+    from ray._private.log import PlainRayHandler
+
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    handler = PlainRayHandler()  # Ray's driver handler, made at `import ray`: it keeps the sys.stderr of that time
+    logger = logging.getLogger("ray.dengine_test")
+    logger.addHandler(handler)
+    try:
+        cli.quiet_ray_logs()
+        cli.quiet_ray_logs()  # twice: one wrapper, not two
+        assert isinstance(sys.stdout, cli.WithoutColour) and not isinstance(sys.stdout.stream, cli.WithoutColour)
+        # a replica's line as the driver prints it (coloured pid prefix), a deduplicated one ("[repeated 2x
+        # across cluster]" in green, what CI once caught), and the driver's coloured dashboard address
+        line = {"pid": 4242, "ip": "10.0.0.1", "localhost": "10.0.0.1", "is_err": False, "actor_name": "Replica"}
+        worker.print_worker_logs({**line, "lines": ["engine ready"]}, sys.stdout)
+        state = ray_logging.DedupState(timestamp=0, count=2, line="queue length deadline", metadata=line,
+                                       sources=set())
+        print(state.formatted(), file=sys.stdout)
+        logger.warning("View the dashboard at \x1b[1m\x1b[32mhttp://127.0.0.1:8265 \x1b[39m\x1b[22m")
+    finally:
+        logger.removeHandler(handler)
+    printed = out.getvalue() + err.getvalue()
+    assert "\x1b[" not in printed, printed
+    assert "(Replica pid=4242) engine ready" in printed and "queue length deadline [repeated 2x across cluster]" in printed
+    assert "View the dashboard at http://127.0.0.1:8265" in printed
+    # a terminal keeps its colours
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    cli.quiet_ray_logs()
+    assert not isinstance(sys.stdout, cli.WithoutColour)
