@@ -1,4 +1,5 @@
-"""dengine's middleware in Serve's HTTP proxy: a POST goes on only once its whole body is in."""
+"""dengine's middleware in Serve's HTTP proxy: a POST goes on only once its whole body is in, and is sent again
+when the router it went to died before answering."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from starlette.types import Message
 
 from dengine.serve import protocol
-from dengine.serve.proxy import WholeBodies, body_timeout_response, proxy_middlewares
+from dengine.serve.proxy import RETRY_AFTER_S, WholeBodies, body_timeout_response, proxy_middlewares, router_unavailable_response
 
 
 class Inner:
@@ -90,6 +91,78 @@ def test_a_body_over_the_limit_streams_on_for_the_router_to_refuse(declared):
     app = WholeBodies(inner, body_timeout_s=2, max_body_bytes=100)
     sent = _run(app, _scope(length=180 if declared else None), parts)
     assert inner.bodies == [b"".join(parts)] and sent[0]["status"] == 200
+
+
+class DiesFirst(Inner):
+    """Serve's proxy when the router it picked dies before answering: it reads the request, then returns
+    without starting a response (its `send_http_response_on_exception` sends nothing for a 500). The first
+    `deaths` tries go so; after them it answers 200 (another router), or with `answer` (status, body)."""
+
+    def __init__(self, deaths: int, answer: tuple[int, bytes] = (200, b"ok")) -> None:
+        super().__init__()
+        self.deaths, self.answer = deaths, answer
+
+    async def __call__(self, scope, receive, send) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        self.bodies.append(body)
+        if len(self.bodies) <= self.deaths:
+            return
+        await send({"type": "http.response.start", "status": self.answer[0], "headers": []})
+        await send({"type": "http.response.body", "body": self.answer[1]})
+
+
+def test_a_request_whose_router_died_unanswered_is_sent_again_whole_until_one_answers():
+    parts = [b'{"prompt": ', b'"Add: a1 b2"}']
+    inner = DiesFirst(deaths=3)
+    sent = _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(length=24), parts)
+    assert inner.bodies == [b"".join(parts)] * 4
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"] and sent[0]["status"] == 200
+
+
+def test_a_request_no_router_answers_gets_a_retryable_503_in_openai_shape():
+    inner = DiesFirst(deaths=10 ** 6)
+    sent = _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=0.5), _scope(), [b"{}"])
+    assert 2 <= len(inner.bodies) <= 4  # 0.1 + 0.2 s waits within 0.5 s (the next, 0.4 s, would pass it)
+    assert sent[0]["status"] == 503 and (b"retry-after", str(RETRY_AFTER_S).encode()) in sent[0]["headers"]
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == "router_unavailable" and error["type"] == "server_error"
+    assert RETRY_AFTER_S == protocol.RETRY_AFTER_S
+    same = protocol.unavailable(error["message"], "router_unavailable")
+    assert router_unavailable_response(0.5).body == protocol.error_body(same)
+
+
+@pytest.mark.parametrize("status", [500, 503, 408])
+def test_an_answer_that_started_is_never_sent_again_whatever_its_status(status):
+    inner = DiesFirst(deaths=0, answer=(status, b'{"error": {}}'))
+    sent = _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(), [b"{}"])
+    assert len(inner.bodies) == 1 and sent[0]["status"] == status
+
+
+def test_a_client_gone_while_its_request_was_out_is_not_sent_again():
+    class Left(Inner):  # Serve's proxy noticing the client leave: it cancels the request and answers nothing
+        async def __call__(self, scope, receive, send) -> None:
+            body, more = b"", True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+            self.bodies.append(body)
+            assert (await receive())["type"] == "http.disconnect"
+
+    inner = Left()
+    assert _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(), [b"{}"], disconnect=True) == []
+    assert inner.bodies == [b"{}"]
+
+
+def test_a_body_over_the_limit_is_not_held_so_not_sent_again():
+    inner = DiesFirst(deaths=1)
+    app = WholeBodies(inner, body_timeout_s=2, max_body_bytes=100, router_retry_s=8)
+    assert _run(app, _scope(), [b"x" * 60, b"y" * 60, b"z" * 60]) == []  # the HTTP server's 500 follows
+    assert inner.bodies == [b"x" * 60 + b"y" * 60 + b"z" * 60]
 
 
 def test_gets_pass_straight_through_and_serve_gets_a_starlette_middleware():

@@ -220,10 +220,12 @@ def _engine_totals(url: str) -> dict[str, int]:
     return {key: sum(stats[key] for stats in seen.values()) for key in ("running", "aborted_requests")}
 
 
-def test_a_killed_router_leaves_the_service_up_and_the_engines_abort_its_requests(url):
-    """Two routers; one is killed (SIGKILL) while it holds long streams: streams through the other router finish,
-    new requests are answered, the killed router's streams are cut (never a silent [DONE]), and the engines abort
-    the requests it held within seconds instead of decoding them to the end (480 steps each)."""
+def test_a_killed_router_leaves_the_service_up_loses_no_whole_answer_and_the_engines_abort_its_requests(url):
+    """Two routers; one is killed (SIGKILL) while it holds long streams and whole (non-streamed) requests:
+    streams through the other router finish, the killed router's streams are cut (never a silent [DONE]), every
+    whole request is answered 200 with the same text as when sent on a quiet service (dengine's proxy middleware
+    sends the dead router's again), new requests are answered, and the engines abort what the dead router held
+    within seconds instead of decoding it to the end."""
     control = serve.get_deployment_handle("control", "dengine")
     routers = control.routers.remote().result()
     assert len(routers) == ROUTERS, routers
@@ -240,12 +242,29 @@ def test_a_killed_router_leaves_the_service_up_and_the_engines_abort_its_request
             break
     victim = streams[0][0]
     name = f"SERVE_REPLICA::dengine#dengine#{victim}"
-    os.kill(routers[name]["pid"], signal.SIGKILL)
-    killed = time.time()
-    statuses = []
-    while time.time() < killed + 10:  # new requests while Serve notices the death
-        response = requests.post(f"{url}/v1/completions", json={"prompt": "Add: a1 b2", "max_tokens": 8}, timeout=60)
-        statuses.append((round(time.time() - killed, 2), response.status_code))
+    held_streams = sum(router == victim for router, *_ in streams)
+    wholes = [{"prompt": f"Add: a{i} b5", "max_tokens": 320, "block_length": 8, "stop_at_eos": False, "seed": 7 + i}
+              for i in range(6)]
+    with ThreadPoolExecutor(len(wholes)) as pool:
+        answers = [pool.submit(requests.post, f"{url}/v1/completions", json=body, timeout=300) for body in wholes]
+        deadline, held = time.time() + 20, 0
+        while time.time() < deadline:  # until the victim reports holding whole requests too
+            held = control.routers.remote().result()[name]["in_flight"] - held_streams
+            if held >= 1:
+                break
+            time.sleep(0.1)
+        assert held >= 1, "no whole request went to the router to be killed"
+        os.kill(routers[name]["pid"], signal.SIGKILL)
+        killed = time.time()
+        statuses = []
+        while time.time() < killed + 10:  # new requests while Serve notices the death
+            response = requests.post(f"{url}/v1/completions", json={"prompt": "Add: a1 b2", "max_tokens": 8},
+                                     timeout=60)
+            statuses.append((round(time.time() - killed, 2), response.status_code))
+        answers = [future.result() for future in answers]
+    print("statuses after the kill", statuses, "whole requests the victim held", held)
+    assert all(status == 200 for _, status in statuses), statuses
+    assert [a.status_code for a in answers] == [200] * len(wholes), [(a.status_code, a.text[:200]) for a in answers]
     cut = finished = 0
     for router, response, lines, first in streams:
         try:
@@ -258,15 +277,16 @@ def test_a_killed_router_leaves_the_service_up_and_the_engines_abort_its_request
         else:
             assert rest is not None and rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)
             finished += 1
-    print("statuses after the kill", statuses)
     assert cut >= 1 and finished >= 1
     deadline = time.time() + 30
     while (totals := _engine_totals(url))["running"] and time.time() < deadline:
         time.sleep(0.2)
     assert totals["running"] == 0
-    assert totals["aborted_requests"] - aborted_before >= cut, (totals, cut)
+    assert totals["aborted_requests"] - aborted_before >= cut + held, (totals, cut, held)
     _wait_healthy(url, 2)
     assert name not in {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    quiet = [requests.post(f"{url}/v1/completions", json=body, timeout=300) for body in wholes]
+    assert [a.json()["choices"][0]["text"] for a in answers] == [q.json()["choices"][0]["text"] for q in quiet]
 
 
 def test_data_parallel_matches_a_single_replica(cluster, chat_folders, seed):
