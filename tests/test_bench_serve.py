@@ -155,7 +155,7 @@ def test_slow_connections_get_the_body_timeout_and_others_are_answered_meanwhile
     from dengine.bench import chaos
     from dengine.serve.server import openai_app
 
-    async def post(path: str, body: bytes) -> JSONResponse:
+    async def post(path: str, body: bytes, headers) -> JSONResponse:
         return JSONResponse({"echo": json.loads(body)})
 
     async def get(what: str) -> JSONResponse:

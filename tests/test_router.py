@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import msgspec
 import pytest
 
-from dengine.serve.router import DONE, Head, Relay, same_event
+from dengine.serve.proxy import same_event
+from dengine.serve.router import DONE, Head, Relay
 
 
 class Died(Exception):
@@ -224,3 +226,29 @@ def test_the_relay_sentinels_keep_their_identity_through_pickling():
         assert cloudpickle.loads(cloudpickle.dumps(sentinel)) is sentinel
     deployment = pytest.importorskip("dengine.serve.deployment")
     assert b"_make_skeleton_class" in cloudpickle.dumps(deployment.EngineReplica.func_or_class)  # by value, as said
+
+
+@pytest.mark.parametrize("header, fixed", [("cmpl-9f2a 1796500000", ("cmpl-9f2a", 1796500000)),
+                                           ("chatcmpl-x1 7", ("chatcmpl-x1", 7)), (None, None), ("cmpl-1", None),
+                                           ("cmpl-1 soon", None), ("cmpl 1\r\nX: y 5", None), ("", None)])
+def test_a_resumed_streams_router_answers_with_the_response_id_and_time_serves_proxy_asks_for(header, fixed):
+    """Serve's proxy resuming a stream whose router died asks the next router for the dead one's response id and
+    creation time (RESUME_HEADER); anything not of that form is ignored and the router picks its own."""
+    calls = []
+
+    def call(endpoint, body, response_id, created):
+        calls.append((response_id, created))
+
+        async def parts():
+            yield Head(200, "text/event-stream", {})
+            yield DONE
+
+        return parts()
+
+    relay = Relay(call, (Died,), retry_timeout_s=1)
+    response = asyncio.run(relay.forward("completions", b'{"prompt": "x", "stream": true}', header))
+    assert response.status_code == 200
+    if fixed is None:
+        assert calls[0][0].startswith("cmpl-") and calls[0][0] != "cmpl-1" and abs(calls[0][1] - time.time()) < 60
+    else:
+        assert calls == [fixed]

@@ -461,7 +461,7 @@ def test_an_embedded_model_asked_off_its_task_says_the_answer_means_nothing():
 
 
 def test_json_nested_past_the_decoders_depth_is_a_400_at_the_replica_and_the_router(client):
-    from dengine.serve.router import with_seed
+    from dengine.serve.proxy import with_seed
 
     nested = b'{"prompt": "x", "max_tokens": 8, "cache_config": {"k": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
     assert with_seed(nested, random.Random(0)) == (nested, False), "the router passes it on unchanged"
@@ -536,7 +536,7 @@ def test_a_client_that_stops_sending_its_body_frees_its_slot(client_does, caplog
 
     posted = []
 
-    async def post(endpoint, body):
+    async def post(endpoint, body, headers):
         posted.append(body)
         return Response(b"{}", media_type="application/json")
 

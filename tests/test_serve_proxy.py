@@ -10,7 +10,8 @@ import pytest
 from starlette.types import Message
 
 from dengine.serve import protocol
-from dengine.serve.proxy import RETRY_AFTER_S, WholeBodies, body_timeout_response, proxy_middlewares, router_unavailable_response
+from dengine.serve.proxy import (RESUME_HEADER, RETRY_AFTER_S, WholeBodies, body_timeout_response, proxy_middlewares,
+                                 router_unavailable_response)
 
 
 class Inner:
@@ -60,11 +61,17 @@ def _run(app, scope, parts: list[bytes], then_wait: bool = False, disconnect: bo
     return sent
 
 
-def test_a_whole_body_is_replayed_to_the_app_unchanged():
+def test_a_whole_body_is_replayed_to_the_app_unchanged_but_for_a_seed_fixed_when_it_has_none():
     inner = Inner()
-    parts = [b'{"messages": ', b'[{"role": "user", ', b'"content": "hi"}]}']
+    parts = [b'{"messages": ', b'[{"role": "user", ', b'"content": "hi"}], ', b'"seed": 3}']
     sent = _run(WholeBodies(inner, body_timeout_s=2), _scope(length=sum(map(len, parts))), parts)
     assert inner.bodies == [b"".join(parts)] and sent[0]["status"] == 200
+    _run(WholeBodies(inner, body_timeout_s=2), _scope(), [b'{"prompt": "x", ', b'"stream": true}'])
+    seeded = json.loads(inner.bodies[1])
+    assert seeded.pop("seed") in range(protocol.MAX_SEED + 1) and seeded == {"prompt": "x", "stream": True}
+    for body in (b"[1, 2]", b"not json", b'{"seed": null'):  # the replica refuses these in its own words
+        _run(WholeBodies(inner, body_timeout_s=2), _scope(), [body])
+        assert inner.bodies[-1] == body
 
 
 def test_a_half_sent_body_gets_408_from_the_proxy_and_never_reaches_the_app():
@@ -116,7 +123,7 @@ class DiesFirst(Inner):
 
 
 def test_a_request_whose_router_died_unanswered_is_sent_again_whole_until_one_answers():
-    parts = [b'{"prompt": ', b'"Add: a1 b2"}']
+    parts = [b'{"prompt": ', b'"Add: a1 b2", "seed": 1}']
     inner = DiesFirst(deaths=3)
     sent = _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(length=24), parts)
     assert inner.bodies == [b"".join(parts)] * 4
@@ -154,8 +161,8 @@ def test_a_client_gone_while_its_request_was_out_is_not_sent_again():
             assert (await receive())["type"] == "http.disconnect"
 
     inner = Left()
-    assert _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(), [b"{}"], disconnect=True) == []
-    assert inner.bodies == [b"{}"]
+    assert _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(), [b"[]"], disconnect=True) == []
+    assert inner.bodies == [b"[]"]
 
 
 def test_a_body_over_the_limit_is_not_held_so_not_sent_again():
@@ -163,6 +170,92 @@ def test_a_body_over_the_limit_is_not_held_so_not_sent_again():
     app = WholeBodies(inner, body_timeout_s=2, max_body_bytes=100, router_retry_s=8)
     assert _run(app, _scope(), [b"x" * 60, b"y" * 60, b"z" * 60]) == []  # the HTTP server's 500 follows
     assert inner.bodies == [b"x" * 60 + b"y" * 60 + b"z" * 60]
+
+
+class Streams:
+    """Routers that stream deterministically: `events` events a request, each naming the request's seed and
+    its index, with the response id and time a router picks (its own, or RESUME_HEADER's); the final one has
+    per-router timings. Try i dies (returns, as Serve's proxy does) after dies[i] events; `depart` makes
+    the tries after the first answer differently (a model without batch invariance)."""
+
+    def __init__(self, dies: list[int], events: int = 5, depart: bool = False) -> None:
+        self.dies, self.events, self.depart = dies, events, depart
+        self.tries: list[tuple[dict, str | None]] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        request = json.loads(body)
+        headers = dict(scope["headers"])
+        assert int(headers[b"content-length"]) == len(body)
+        resume = headers.get(RESUME_HEADER.encode())
+        self.tries.append((request, resume))
+        try_ = len(self.tries) - 1
+        response_id, created = resume.decode().split() if resume else (f"cmpl-router{try_}", 1000 + try_)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        for index in range(self.events):
+            if try_ < len(self.dies) and index == self.dies[try_]:
+                return
+            text = f"{request['seed']}:{index}" + ("'" if self.depart and try_ else "")
+            event = {"id": response_id, "created": int(created), "choices": [{"text": text}]}
+            if index == self.events - 1:
+                event["dengine"] = {"latency_s": try_}
+            await send({"type": "http.response.body", "body": b"data: " + json.dumps(event).encode() + b"\n\n",
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+def _events(sent: list[Message]) -> list:
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert body.endswith(b"data: [DONE]\n\n") and not sent[-1].get("more_body", False), body
+    return [json.loads(event.removeprefix(b"data: ")) for event in body.split(b"\n\n")[:-2]]
+
+
+@pytest.mark.parametrize("dies", [[2], [0], [3, 1], [4, 4]])
+def test_a_stream_whose_router_died_is_resumed_on_another_with_the_same_seed_id_and_time(dies):
+    """The client gets the uninterrupted stream (one response start, each event once, the first router's id
+    and time throughout), whether a router dies before its first event, midway, or on the replay."""
+    inner = Streams(dies)
+    sent = _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(), [b'{"prompt": "x", "stream": true}'])
+    seed = inner.tries[0][0]["seed"]
+    assert [request for request, _ in inner.tries] == [{"prompt": "x", "stream": True, "seed": seed}] * len(inner.tries)
+    assert len(inner.tries) == len(dies) + 1 and inner.tries[0][1] is None
+    assert [m["type"] for m in sent].count("http.response.start") == 1
+    events = _events(sent)
+    assert [e["choices"][0]["text"] for e in events] == [f"{seed}:{i}" for i in range(5)]
+    first = 0 if dies[0] else min([i for i, d in enumerate(dies) if d] or [len(dies)])  # the try that sent event 0
+    assert {(e["id"], e["created"]) for e in events} == {(f"cmpl-router{first}", 1000 + first)}
+    resumes = [resume for _, resume in inner.tries[first + 1:]]
+    assert resumes == [f"cmpl-router{first} {1000 + first}".encode()] * len(resumes)
+
+
+def test_a_resumed_stream_whose_replay_departs_ends_with_an_error_event_and_done():
+    inner = Streams([3], depart=True)
+    sent = _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(), [b'{"prompt": "x", "stream": true}'])
+    events = _events(sent)
+    assert [e.get("choices", [{}])[0].get("text") for e in events[:3]] == [f"{inner.tries[0][0]['seed']}:{i}"
+                                                                           for i in range(3)]
+    assert events[3]["error"]["code"] == "resume_failed" and "event 0" in events[3]["error"]["message"]
+    assert len(events) == 4 and len(inner.tries) == 2
+
+
+def test_a_stream_no_router_resumes_ends_with_a_retryable_error_event_and_done():
+    inner = Streams([2] + [0] * 1000)
+    sent = _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=0.5), _scope(), [b'{"prompt": "x", "stream": true}'])
+    events = _events(sent)
+    assert len(events) == 3 and events[2]["error"]["code"] == "router_unavailable"
+
+
+def test_a_clients_own_resume_header_never_reaches_a_router():
+    inner = Streams([])
+    scope = _scope()
+    scope["headers"].append((RESUME_HEADER.encode(), b"cmpl-mine 1"))
+    sent = _run(WholeBodies(inner, body_timeout_s=2), scope, [b'{"prompt": "x", "stream": true}'])
+    assert inner.tries[0][1] is None and {e["id"] for e in _events(sent)} == {"cmpl-router0"}
 
 
 def test_gets_pass_straight_through_and_serve_gets_a_starlette_middleware():

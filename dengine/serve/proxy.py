@@ -9,13 +9,15 @@ costs a waiting coroutine in the proxy and ends with a 408 from there; a whole o
 untouched. A body declared or found larger than the limit is passed on as it streams (the router applies its
 own limit, which `build_app(max_body_bytes=)` may set higher, and its own body timeout).
 
-Having the whole body, it can also send a request again: when the router replica it went to dies before
-starting an answer (killed, its node lost, Ray's memory monitor), Serve's proxy returns without one (the
-client would get the HTTP server's text/plain 500). `WholeBodies` then sends the same request again, to a
-router Serve still has, for up to `router_retry_s`; past that the client gets a 503 with Retry-After. A
-router that started its answer (every stream starts at once) cannot be replaced: the client's connection ran
-through it. Sending again is safe: answering is a pure function of the request, and the engines abort what
-a dead router held.
+Having the whole body, it can also send a request again when the router replica it went to dies (killed,
+its node lost, Ray's memory monitor): Serve's proxy then returns without an answer, or with a stream cut
+short. A request not answered yet is sent again, to a router Serve still has, for up to `router_retry_s`
+(past that, a 503 with Retry-After). A stream is resumed the way the routers resume one whose engine died:
+its seed is fixed here before the first try (`with_seed`), a later try asks the new router for the same
+response id and creation time (RESUME_HEADER), and the events the client already has are checked against
+the replay (`same_event`) and skipped; a replay that departs ends the stream with an error event and
+`[DONE]`. Sending again is safe: an answer is a pure function of the request and its seed, and the engines
+abort what a dead router held.
 
 Serve applies proxy middlewares from the import path in RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, read when
 the proxy starts: `ray_serving_environment()` names `proxy_middlewares` for a Ray that dengine starts; on a
@@ -26,17 +28,53 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 
+import msgspec
 from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dengine.sampling_params import MAX_SEED
 
 # the body limits of every dengine HTTP face (the proxy, the routers, a single server); this module stays
 # light (no torch) since Serve's proxy imports it
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 BODY_TIMEOUT_S = 15.0  # a whole body (at most DEFAULT_MAX_BODY_BYTES) must arrive within this
-ROUTER_RETRY_S = 30.0  # a request whose router died unanswered is sent again for this long
+ROUTER_RETRY_S = 30.0  # a request whose router died is sent again for this long
 RETRY_AFTER_S = 5  # protocol.RETRY_AFTER_S (tests/test_serve_proxy.py holds them equal)
+RESUME_HEADER = "x-dengine-resume"  # "<response id> <created>": a router answers with these (a resumed stream)
+DONE = b"data: [DONE]\n\n"
+_seeds = random.Random()
+
+
+def with_seed(body: bytes, rng: random.Random) -> tuple[bytes, bool]:
+    """The body with a seed fixed (unless the client gave one), and whether it asks for a stream. A body that
+    is not a JSON object goes on unchanged: the engine replica refuses it in its own words."""
+    try:
+        request = msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # nested past msgspec's depth limit: refused by the replica
+        return body, False
+    if not isinstance(request, dict):
+        return body, False
+    if request.get("seed") is None:
+        request["seed"] = rng.randrange(MAX_SEED + 1)
+        body = msgspec.json.encode(request)
+    return body, request.get("stream") is True
+
+
+def same_event(sent: bytes, replayed: bytes) -> bool:
+    """Whether a replayed event says what the sent one said (a final event's timings may differ)."""
+    if sent == replayed:
+        return True
+    try:
+        a, b = (msgspec.json.decode(event.removeprefix(b"data: ")) for event in (sent, replayed))
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return False
+    a.pop("dengine", None), b.pop("dengine", None)
+    return a == b
 
 
 def _error_response(status: int, message: str, kind: str, code: str, headers: dict | None = None) -> Response:
@@ -98,16 +136,18 @@ class WholeBodies:
 
             await self.app(scope, replay, send)
             return
-        await self._answer(scope, buffered, receive, send)
+        await self._answer(scope, b"".join(message.get("body", b"") for message in buffered), receive, send)
 
-    async def _answer(self, scope: Scope, body: list[Message], receive: Receive, send: Send) -> None:
-        """Send the request (its whole body) on until an answer starts or the client leaves; a try that returns
-        with neither is a router that died unanswered: wait a little (Serve's proxy learns of the death) and
-        send it again, for up to router_retry_s, then answer 503."""
+    async def _answer(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        """Send the request on until its answer has ended or the client leaves. A try that returns short of that
+        is a router that died: wait a little (Serve's proxy learns of the death) and try again, resuming a
+        stream that started, for up to router_retry_s."""
+        body, _ = with_seed(body, _seeds)  # before the first try: a replay of a stream must be the same stream
+        answer = Answer(send)
         loop = asyncio.get_running_loop()
-        deadline, wait = loop.time() + self.router_retry_s, 0.1
+        deadline, wait = None, 0.1
         while True:
-            left, started, gone = list(body), False, False
+            left, gone = [{"type": "http.request", "body": body, "more_body": False}], False
 
             async def replay() -> Message:
                 nonlocal gone
@@ -117,25 +157,120 @@ class WholeBodies:
                 gone = gone or message["type"] == "http.disconnect"
                 return message
 
-            async def watch(message: Message) -> None:
-                nonlocal started
-                started = started or message["type"] == "http.response.start"
-                await send(message)
-
-            await self.app(scope, replay, watch)
-            if started or gone:
+            try:
+                await self.app(_scope_for(scope, len(body), answer.resume_header()), replay, answer.send)
+            except Departed as departed:
+                await answer.fail(str(departed))
                 return
+            if gone or answer.ended or (answer.started and not answer.resumable):
+                return
+            deadline = deadline or loop.time() + self.router_retry_s
             if loop.time() + wait > deadline:
-                await router_unavailable_response(self.router_retry_s)(scope, receive, send)
+                message = f"no router replica answered the request within {self.router_retry_s:g} s"
+                if answer.started:
+                    await answer.fail(f"{message}; send it again", code="router_unavailable")
+                else:
+                    await router_unavailable_response(self.router_retry_s)(scope, receive, send)
                 return
             await asyncio.sleep(wait)
             wait = min(2 * wait, 2.0)
+            answer.again()
 
     def _declared_too_large(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 return value.isdigit() and int(value) > self.max_body_bytes
         return False
+
+
+def _scope_for(scope: Scope, length: int, resume: bytes | None) -> Scope:
+    """The request's scope for one try: its body's length (a seed may have been added), and RESUME_HEADER set
+    when resuming a stream (a client's own is dropped)."""
+    drop = (b"content-length", b"transfer-encoding", RESUME_HEADER.encode())
+    headers = [(name, value) for name, value in scope["headers"] if name.lower() not in drop]
+    headers.append((b"content-length", str(length).encode()))
+    if resume is not None:
+        headers.append((RESUME_HEADER.encode(), resume))
+    return {**scope, "headers": headers}
+
+
+class Departed(Exception):
+    """A resumed stream's replay departs from what the client has, or was refused."""
+
+
+class Answer:
+    """One client's response across tries (a try: one router): what reached the client, and for a stream, how a
+    later try goes on from it (its first events checked against those the client has, and skipped)."""
+
+    def __init__(self, send: Send) -> None:
+        self.client = send
+        self.started = self.ended = self.stream = False
+        self.events: list[bytes] = []  # a stream's events the client has
+        self.tail = b""  # the first try's bytes after its last whole event (sent as they came)
+        self.replaying = False  # this try replays a stream that started
+        self.known = self.checked = 0  # a replay: the events the client had when it began; those checked so far
+        self.pending = b""  # a replay's bytes not yet a whole event
+
+    @property
+    def resumable(self) -> bool:
+        """A stream cut at an event's end (a whole answer, or half an event, cannot be taken up again)."""
+        return self.stream and not self.tail
+
+    def again(self) -> None:
+        self.replaying = self.started
+        self.known, self.checked, self.pending = len(self.events), 0, b""
+
+    def resume_header(self) -> bytes | None:
+        """The id and creation time of the stream being resumed, for the next router to answer with."""
+        if not (self.replaying and self.events):
+            return None
+        first = msgspec.json.decode(self.events[0].removeprefix(b"data: "))
+        return f"{first['id']} {first['created']}".encode()
+
+    async def send(self, message: Message) -> None:
+        if not self.replaying:
+            if message["type"] == "http.response.start":
+                self.started = True
+                headers = {name.lower(): value for name, value in message.get("headers", [])}
+                self.stream = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body":
+                if self.stream:
+                    *whole, self.tail = (self.tail + message.get("body", b"")).split(b"\n\n")
+                    self.events += [event + b"\n\n" for event in whole]
+                self.ended = not message.get("more_body", False)
+            await self.client(message)
+            return
+        if message["type"] == "http.response.start":
+            if message["status"] != 200:
+                raise Departed(f"the stream broke (its router died) and its replay was refused ({message['status']})")
+            return
+        if message["type"] != "http.response.body":
+            return
+        *whole, self.pending = (self.pending + message.get("body", b"")).split(b"\n\n")
+        new = []
+        for event in (event + b"\n\n" for event in whole):
+            if self.checked == self.known:
+                new.append(event)
+            elif same_event(self.events[self.checked], event):
+                self.checked += 1
+            else:
+                raise Departed(f"the stream broke (its router died) and its replay departs from what was sent at "
+                               f"event {self.checked}; the request cannot be resumed")
+        self.events += new
+        more = message.get("more_body", False)
+        if not more and self.checked < self.known:
+            raise Departed("the stream broke (its router died) and its replay ended before what was sent")
+        if new or not more:
+            await self.client({"type": "http.response.body", "body": b"".join(new), "more_body": more})
+        self.ended = not more
+
+    async def fail(self, message: str, code: str = "resume_failed") -> None:
+        """End a stream that cannot go on: an error event in OpenAI's shape, then [DONE]."""
+        error = {"message": message, "type": "server_error", "param": None, "code": code}
+        event = b"data: " + json.dumps({"error": error}, separators=(",", ":")).encode() + b"\n\n"
+        await self.client({"type": "http.response.body", "body": (b"\n\n" if self.tail else b"") + event + DONE,
+                           "more_body": False})
+        self.ended = True
 
 
 def proxy_middlewares() -> list[Middleware]:

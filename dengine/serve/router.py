@@ -9,7 +9,9 @@ to an engine replica and makes sure the client loses nothing when that replica d
   has are checked against the replay (byte for byte, the per-request timings of a final event aside; the
   router fixes the response id and creation time for that) and skipped, and the stream goes on. A replay
   that departs from what was sent (a model without batch invariance, say) ends the stream with an error
-  event in OpenAI's shape and `[DONE]`, never a silent cut.
+  event in OpenAI's shape and `[DONE]`, never a silent cut. A router's own death is covered one level up, in
+  Serve's proxy (dengine/serve/proxy.py), the same way: it asks the next router, through RESUME_HEADER, to
+  answer with the dead one's response id and creation time.
 * Draining (`drain`, which `dengine serve` calls on SIGTERM / Ctrl-C): new requests get 503 in OpenAI's
   shape, requests in flight go on, and `drain` returns when they are done or the grace period is over.
 """
@@ -27,9 +29,10 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI
 from fastapi.responses import Response, StreamingResponse
+from starlette.datastructures import Headers
 
-from dengine.sampling_params import MAX_SEED
 from dengine.serve import protocol as p
+from dengine.serve.proxy import RESUME_HEADER, same_event, with_seed
 from dengine.serve.server import openai_app
 
 logger = logging.getLogger(__name__)
@@ -48,35 +51,6 @@ class Head(msgspec.Struct, frozen=True):
 # call(endpoint, body, response_id, created): the engine's answer, a Head then the body's parts (one
 # server-sent event per part when streaming)
 EngineCall = Callable[[str, bytes, str, int], AsyncIterator[Any]]
-
-
-def with_seed(body: bytes, rng: random.Random) -> tuple[bytes, bool]:
-    """The body with a seed fixed (unless the client gave one), and whether it asks for a stream. A body that
-    is not a JSON object goes on unchanged: the engine replica refuses it in its own words."""
-    try:
-        request = msgspec.json.decode(body)
-    except (msgspec.DecodeError, RecursionError):  # nested past msgspec's depth limit: refused by the replica
-        return body, False
-    if not isinstance(request, dict):
-        return body, False
-    if request.get("seed") is None:
-        request["seed"] = rng.randrange(MAX_SEED + 1)
-        body = msgspec.json.encode(request)
-    return body, request.get("stream") is True
-
-
-def same_event(sent: bytes, replayed: bytes) -> bool:
-    """Whether a replayed event says what the sent one said (a final event's timings may differ)."""
-    if sent == replayed:
-        return True
-    try:
-        a, b = (msgspec.json.decode(event.removeprefix(b"data: ")) for event in (sent, replayed))
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    if not (isinstance(a, dict) and isinstance(b, dict)):
-        return False
-    a.pop("dengine", None), b.pop("dengine", None)
-    return a == b
 
 
 class Relay:
@@ -110,13 +84,14 @@ class Relay:
         """The engine answer's next part, or CUT once cut_off was called (StopAsyncIteration at its end)."""
         return await next_unless(parts, self.cut)
 
-    async def forward(self, endpoint: str, body: bytes) -> Response:
-        """The response to one POST, whatever happens to the replica serving it."""
+    async def forward(self, endpoint: str, body: bytes, resume: str | None = None) -> Response:
+        """The response to one POST, whatever happens to the replica serving it; `resume` ("<response id>
+        <created>", from Serve's proxy resuming a stream whose router died) fixes the response's id and time."""
         if self.draining:
             return p.error_response(p.unavailable("the server is shutting down; send the request again later",
                                                   "shutting_down"))
         body, stream = with_seed(body, self.rng)
-        response_id, created = p.response_id(endpoint), p.now()
+        response_id, created = resumed(resume) or (p.response_id(endpoint), p.now())
         self.in_flight += 1
         handed_on = False
         try:
@@ -291,6 +266,14 @@ def shut_down() -> p.RequestError:
                          "again", "shutting_down")
 
 
+def resumed(header: str | None) -> tuple[str, int] | None:
+    """The response id and creation time RESUME_HEADER asks for (None when absent or not of that form)."""
+    response_id, _, created = (header or "").partition(" ")
+    if not (response_id.isascii() and response_id.replace("-", "").isalnum() and created.isdigit()):
+        return None
+    return response_id, int(created)
+
+
 def _unavailable() -> Response:
     return p.error_response(p.unavailable("no engine replica could take the request", "replica_unavailable"))
 
@@ -298,9 +281,9 @@ def _unavailable() -> Response:
 def router_app(relay: Relay, get: Callable[[str], Any], model_name: str, max_body_bytes: int) -> FastAPI:
     """The HTTP face of the application: POSTs through the relay, GETs answered by one engine replica."""
 
-    async def post(endpoint: str, body: bytes) -> Response:
+    async def post(endpoint: str, body: bytes, headers: Headers) -> Response:
         try:
-            return await relay.forward(endpoint, body)
+            return await relay.forward(endpoint, body, headers.get(RESUME_HEADER))
         except Exception as exc:  # not a dead replica (those are retried): the request fails in OpenAI's shape
             logger.exception("request failed")
             return p.error_response(p.RequestError(f"internal error: {exc}", status=500, kind="server_error"))

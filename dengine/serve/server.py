@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import msgspec
 import torch
 from fastapi import FastAPI, Request
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import Response, StreamingResponse
@@ -415,11 +416,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def openai_app(post: Callable[[str, bytes], Awaitable[Response]], get: Callable[[str], Awaitable[Response]],
+def openai_app(post: Callable[[str, bytes, Headers], Awaitable[Response]], get: Callable[[str], Awaitable[Response]],
                max_body_bytes: int, refused: Callable[[str, int], None] | None = None,
                body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The routes of every dengine HTTP face: POSTs (body read within max_body_bytes and body_timeout_s) to
-    `post(endpoint, body)`, GETs to `get("models" | "health" | "metrics")`; every refusal in OpenAI's error
+    `post(endpoint, body, headers)`, GETs to `get("models" | "health" | "metrics")`; every refusal in OpenAI's error
     shape. A client that stops sending its body holds a request slot only body_timeout_s (then 408); one that
     disconnects is dropped without a traceback."""
     app = FastAPI(title="dengine", docs_url=None, redoc_url=None)
@@ -438,7 +439,7 @@ def openai_app(post: Callable[[str, bytes], Awaitable[Response]], get: Callable[
             if refused is not None:
                 refused(endpoint, error.status)
             return p.error_response(error)
-        return await post(endpoint, body)
+        return await post(endpoint, body, request.headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -469,4 +470,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
     async def get(what: str) -> Response:
         return {"models": server.models, "health": server.health, "metrics": server.render_metrics}[what]()
 
-    return openai_app(server.respond, get, server.max_body_bytes, server.metrics.request)
+    async def post(endpoint: str, body: bytes, headers: Headers) -> Response:
+        return await server.respond(endpoint, body)
+
+    return openai_app(post, get, server.max_body_bytes, server.metrics.request)
