@@ -176,11 +176,13 @@ class Streams:
     """Routers that stream deterministically: `events` events a request, each naming the request's seed and
     its index, with the response id and time a router picks (its own, or RESUME_HEADER's); the final one has
     per-router timings. Try i dies (returns, as Serve's proxy does) after dies[i] events; `depart` makes
-    the tries after the first answer differently (a model without batch invariance)."""
+    the tries after the first answer differently (a model without batch invariance). Like Serve's proxy, a
+    try stops when the client's side says disconnect (`cancelled` lists those tries)."""
 
     def __init__(self, dies: list[int], events: int = 5, depart: bool = False) -> None:
         self.dies, self.events, self.depart = dies, events, depart
         self.tries: list[tuple[dict, str | None]] = []
+        self.cancelled: list[int] = []
 
     async def __call__(self, scope, receive, send) -> None:
         body, more = b"", True
@@ -195,9 +197,21 @@ class Streams:
         self.tries.append((request, resume))
         try_ = len(self.tries) - 1
         response_id, created = resume.decode().split() if resume else (f"cmpl-router{try_}", 1000 + try_)
+        listening = asyncio.ensure_future(receive())
+        try:
+            await self._stream(request, try_, response_id, created, listening, send)
+        finally:
+            listening.cancel()
+
+    async def _stream(self, request, try_, response_id, created, listening, send) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
         for index in range(self.events):
+            await asyncio.sleep(0.001)
+            if listening.done():
+                assert listening.result()["type"] == "http.disconnect"
+                self.cancelled.append(try_)
+                return
             if try_ < len(self.dies) and index == self.dies[try_]:
                 return
             text = f"{request['seed']}:{index}" + ("'" if self.depart and try_ else "")
@@ -223,7 +237,7 @@ def test_a_stream_whose_router_died_is_resumed_on_another_with_the_same_seed_id_
     sent = _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(), [b'{"prompt": "x", "stream": true}'])
     seed = inner.tries[0][0]["seed"]
     assert [request for request, _ in inner.tries] == [{"prompt": "x", "stream": True, "seed": seed}] * len(inner.tries)
-    assert len(inner.tries) == len(dies) + 1 and inner.tries[0][1] is None
+    assert len(inner.tries) == len(dies) + 1 and inner.tries[0][1] is None and inner.cancelled == []
     assert [m["type"] for m in sent].count("http.response.start") == 1
     events = _events(sent)
     assert [e["choices"][0]["text"] for e in events] == [f"{seed}:{i}" for i in range(5)]
@@ -241,6 +255,7 @@ def test_a_resumed_stream_whose_replay_departs_ends_with_an_error_event_and_done
                                                                            for i in range(3)]
     assert events[3]["error"]["code"] == "resume_failed" and "event 0" in events[3]["error"]["message"]
     assert len(events) == 4 and len(inner.tries) == 2
+    assert inner.cancelled == [1], "the departed replay is cancelled, not decoded to its end"
 
 
 def test_a_stream_no_router_resumes_ends_with_a_retryable_error_event_and_done():

@@ -153,15 +153,11 @@ class WholeBodies:
                 nonlocal gone
                 if left:
                     return left.pop(0)
-                message = await receive()
+                message = await answer.unless_ended(receive())
                 gone = gone or message["type"] == "http.disconnect"
                 return message
 
-            try:
-                await self.app(_scope_for(scope, len(body), answer.resume_header()), replay, answer.send)
-            except Departed as departed:
-                await answer.fail(str(departed))
-                return
+            await self.app(_scope_for(scope, len(body), answer.resume_header()), replay, answer.send)
             if gone or answer.ended or (answer.started and not answer.resumable):
                 return
             deadline = deadline or loop.time() + self.router_retry_s
@@ -194,10 +190,6 @@ def _scope_for(scope: Scope, length: int, resume: bytes | None) -> Scope:
     return {**scope, "headers": headers}
 
 
-class Departed(Exception):
-    """A resumed stream's replay departs from what the client has, or was refused."""
-
-
 class Answer:
     """One client's response across tries (a try: one router): what reached the client, and for a stream, how a
     later try goes on from it (its first events checked against those the client has, and skipped)."""
@@ -210,6 +202,7 @@ class Answer:
         self.replaying = False  # this try replays a stream that started
         self.known = self.checked = 0  # a replay: the events the client had when it began; those checked so far
         self.pending = b""  # a replay's bytes not yet a whole event
+        self.done = asyncio.Event()  # the client's response has ended
 
     @property
     def resumable(self) -> bool:
@@ -227,7 +220,20 @@ class Answer:
         first = msgspec.json.decode(self.events[0].removeprefix(b"data: "))
         return f"{first['id']} {first['created']}".encode()
 
+    async def unless_ended(self, received) -> Message:
+        """What the client sends next (its disconnect), or a disconnect once its response has ended early (a
+        replay that departed): Serve's proxy then cancels the request, so the router and engine stop."""
+        receiving, ended = asyncio.ensure_future(received), asyncio.ensure_future(self.done.wait())
+        try:
+            await asyncio.wait((receiving, ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # (Serve's proxy cancels its reader when a request is over)
+            for task in (receiving, ended):
+                task.cancel()
+        return receiving.result() if receiving.done() and not receiving.cancelled() else {"type": "http.disconnect"}
+
     async def send(self, message: Message) -> None:
+        if self.ended:  # a replay that departed, still running until Serve's proxy cancels it
+            return
         if not self.replaying:
             if message["type"] == "http.response.start":
                 self.started = True
@@ -242,7 +248,7 @@ class Answer:
             return
         if message["type"] == "http.response.start":
             if message["status"] != 200:
-                raise Departed(f"the stream broke (its router died) and its replay was refused ({message['status']})")
+                await self.fail(f"the stream broke (its router died) and its replay was refused ({message['status']})")
             return
         if message["type"] != "http.response.body":
             return
@@ -254,12 +260,14 @@ class Answer:
             elif same_event(self.events[self.checked], event):
                 self.checked += 1
             else:
-                raise Departed(f"the stream broke (its router died) and its replay departs from what was sent at "
-                               f"event {self.checked}; the request cannot be resumed")
+                await self.fail(f"the stream broke (its router died) and its replay departs from what was sent at "
+                                f"event {self.checked}; the request cannot be resumed")
+                return
         self.events += new
         more = message.get("more_body", False)
         if not more and self.checked < self.known:
-            raise Departed("the stream broke (its router died) and its replay ended before what was sent")
+            await self.fail("the stream broke (its router died) and its replay ended before what was sent")
+            return
         if new or not more:
             await self.client({"type": "http.response.body", "body": b"".join(new), "more_body": more})
         self.ended = not more
@@ -271,6 +279,7 @@ class Answer:
         await self.client({"type": "http.response.body", "body": (b"\n\n" if self.tail else b"") + event + DONE,
                            "more_body": False})
         self.ended = True
+        self.done.set()
 
 
 def proxy_middlewares() -> list[Middleware]:
