@@ -179,8 +179,8 @@ class Streams:
     the tries after the first answer differently (a model without batch invariance). Like Serve's proxy, a
     try stops when the client's side says disconnect (`cancelled` lists those tries)."""
 
-    def __init__(self, dies: list[int], events: int = 5, depart: bool = False) -> None:
-        self.dies, self.events, self.depart = dies, events, depart
+    def __init__(self, dies: list[int], events: int = 5, depart: bool = False, pause: float = 0.001) -> None:
+        self.dies, self.events, self.depart, self.pause = dies, events, depart, pause
         self.tries: list[tuple[dict, str | None]] = []
         self.cancelled: list[int] = []
 
@@ -194,6 +194,7 @@ class Streams:
         headers = dict(scope["headers"])
         assert int(headers[b"content-length"]) == len(body)
         resume = headers.get(RESUME_HEADER.encode())
+        assert not {b"x-request-timeout-seconds", b"x-request-disconnect-disabled"} & set(headers)
         self.tries.append((request, resume))
         try_ = len(self.tries) - 1
         response_id, created = resume.decode().split() if resume else (f"cmpl-router{try_}", 1000 + try_)
@@ -207,7 +208,7 @@ class Streams:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
         for index in range(self.events):
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(self.pause)
             if listening.done():
                 assert listening.result()["type"] == "http.disconnect"
                 self.cancelled.append(try_)
@@ -245,6 +246,96 @@ def test_a_stream_whose_router_died_is_resumed_on_another_with_the_same_seed_id_
     assert {(e["id"], e["created"]) for e in events} == {(f"cmpl-router{first}", 1000 + first)}
     resumes = [resume for _, resume in inner.tries[first + 1:]]
     assert resumes == [f"cmpl-router{first} {1000 + first}".encode()] * len(resumes)
+
+
+def test_each_death_of_a_long_stream_gets_its_own_retry_time():
+    """Two deaths further apart than router_retry_s: the second router got somewhere, so its death is a new one."""
+    inner = Streams([2, 4], events=6, pause=0.06)
+    app = WholeBodies(inner, body_timeout_s=2, router_retry_s=0.25)
+    events = _events(_run(app, _scope(), [b'{"prompt": "x", "stream": true}']))
+    assert [e["choices"][0]["text"] for e in events] == [f"{inner.tries[0][0]['seed']}:{i}" for i in range(6)]
+    assert len(inner.tries) == 3
+
+
+def test_a_stream_cut_after_its_done_is_only_ended_not_replayed():
+    class DiesAtTheEnd(Inner):  # the router died between [DONE] and the response's final (empty) message
+        async def __call__(self, scope, receive, send) -> None:
+            self.bodies.append((await receive())["body"])
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+            for event in (b'data: {"id": "cmpl-1", "created": 1, "choices": []}\n\n', b"data: [DONE]\n\n"):
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+
+    inner = DiesAtTheEnd()
+    sent = _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(), [b'{"stream": true}'])
+    assert len(inner.bodies) == 1 and len(_events(sent)) == 1
+    assert b"".join(m.get("body", b"") for m in sent[1:]).count(b"[DONE]") == 1
+
+
+def test_a_stream_whose_first_event_is_an_error_is_resumed_without_a_response_id():
+    """The router's error event then [DONE] are two messages; a death between them leaves an event with no id:
+    the replay is asked for no particular id, and the client gets the error event and one [DONE]."""
+    error = b'data: {"error": {"message": "x", "type": "server_error", "param": null, "code": null}}\n\n'
+
+    class ErrorFirst(Inner):
+        async def __call__(self, scope, receive, send) -> None:
+            self.bodies.append(dict(scope["headers"]).get(RESUME_HEADER.encode()))
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+            await send({"type": "http.response.body", "body": error, "more_body": True})
+            if len(self.bodies) > 1:
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    inner = ErrorFirst()
+    sent = _run(WholeBodies(inner, body_timeout_s=2, router_retry_s=8), _scope(), [b'{"stream": true}'])
+    assert inner.bodies == [None, None] and _events(sent)[0]["error"]["message"] == "x" and len(_events(sent)) == 1
+
+
+def test_serves_per_request_controls_and_other_apps_posts_are_left_as_they_are():
+    """dengine's routes: a client's own Serve timeout / disconnect controls are dropped (a timeout would cut
+    every try alike); another application's POST goes on once, unchanged, even if its router dies."""
+    inner = Streams([])
+    scope = _scope()
+    scope["headers"] += [(b"x-request-timeout-seconds", b"1"), (b"x-request-disconnect-disabled", b"?1")]
+    _run(WholeBodies(inner, body_timeout_s=2), scope, [b'{"prompt": "x", "stream": true}'])
+    other = DiesFirst(deaths=1)
+    other_scope = {**_scope(), "path": "/classify"}
+    assert _run(WholeBodies(other, body_timeout_s=2, router_retry_s=8), other_scope, [b'{"text": "x"}']) == []
+    assert other.bodies == [b'{"text": "x"}']
+
+
+def test_a_request_cancelled_in_the_proxy_is_not_sent_again():
+    """Serve's proxy swallows the cancellation of a request it is serving (its `except BaseException`) and
+    returns without an answer, as for a dead router: the middleware must stop, not send it again."""
+    class Swallows(Inner):
+        async def __call__(self, scope, receive, send) -> None:
+            self.bodies.append((await receive())["body"])
+            assert len(self.bodies) == 1, "sent again after its cancellation"
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                return
+
+    inner = Swallows()
+
+    async def main() -> None:
+        messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+        async def receive() -> Message:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)
+
+        async def send(message: Message) -> None:
+            raise AssertionError(message)
+
+        task = asyncio.ensure_future(WholeBodies(inner, body_timeout_s=2, router_retry_s=8)(_scope(), receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert len(inner.bodies) == 1
 
 
 def test_a_resumed_stream_whose_replay_departs_ends_with_an_error_event_and_done():

@@ -44,6 +44,11 @@ BODY_TIMEOUT_S = 15.0  # a whole body (at most DEFAULT_MAX_BODY_BYTES) must arri
 ROUTER_RETRY_S = 30.0  # a request whose router died is sent again for this long
 RETRY_AFTER_S = 5  # protocol.RETRY_AFTER_S (tests/test_serve_proxy.py holds them equal)
 RESUME_HEADER = "x-dengine-resume"  # "<response id> <created>": a router answers with these (a resumed stream)
+ANSWER_PATHS = ("/v1/completions", "/v1/chat/completions")  # the POSTs sent again (other apps' are sent once)
+# Serve's per-request controls a client may set: a timeout would cut every try the same way, and a try not
+# watched for disconnects could not be cancelled
+DROPPED_HEADERS = (b"content-length", b"transfer-encoding", RESUME_HEADER.encode(), b"x-request-timeout-seconds",
+                   b"x-request-disconnect-disabled")
 DONE = b"data: [DONE]\n\n"
 _seeds = random.Random()
 
@@ -130,23 +135,27 @@ class WholeBodies:
         except asyncio.TimeoutError:
             await body_timeout_response(self.body_timeout_s)(scope, receive, send)
             return
-        if buffered[-1].get("more_body", False):  # over the limit: on as it streams, once
-            async def replay() -> Message:
+        if buffered[-1].get("more_body", False) or not scope["path"].endswith(ANSWER_PATHS):  # over the limit,
+            async def replay() -> Message:  # or not dengine's: on once, as it came
                 return buffered.pop(0) if buffered else await receive()
 
             await self.app(scope, replay, send)
             return
-        await self._answer(scope, b"".join(message.get("body", b"") for message in buffered), receive, send)
+        body = b"".join(message.get("body", b"") for message in buffered)
+        buffered.clear()
+        await self._answer(scope, body, receive, send)
 
     async def _answer(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         """Send the request on until its answer has ended or the client leaves. A try that returns short of that
         is a router that died: wait a little (Serve's proxy learns of the death) and try again, resuming a
         stream that started, for up to router_retry_s."""
-        body, _ = with_seed(body, _seeds)  # before the first try: a replay of a stream must be the same stream
+        if b'"stream"' in body:  # before the first try: a replay of a stream must be the same stream
+            body, _ = with_seed(body, _seeds)
         answer = Answer(send)
         loop = asyncio.get_running_loop()
         deadline, wait = None, 0.1
         while True:
+            progress = (answer.started, len(answer.events))
             left, gone = [{"type": "http.request", "body": body, "more_body": False}], False
 
             async def replay() -> Message:
@@ -158,8 +167,15 @@ class WholeBodies:
                 return message
 
             await self.app(_scope_for(scope, len(body), answer.resume_header()), replay, answer.send)
+            if asyncio.current_task().cancelling():  # Serve's proxy swallows a cancellation of this request
+                raise asyncio.CancelledError
             if gone or answer.ended or (answer.started and not answer.resumable):
                 return
+            if answer.events[-1:] == [DONE]:  # cut after its last event: only the response's end is missing
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            if (answer.started, len(answer.events)) != progress:  # this router got somewhere: a new death
+                deadline, wait = None, 0.1
             deadline = deadline or loop.time() + self.router_retry_s
             if loop.time() + wait > deadline:
                 message = f"no router replica answered the request within {self.router_retry_s:g} s"
@@ -181,9 +197,8 @@ class WholeBodies:
 
 def _scope_for(scope: Scope, length: int, resume: bytes | None) -> Scope:
     """The request's scope for one try: its body's length (a seed may have been added), and RESUME_HEADER set
-    when resuming a stream (a client's own is dropped)."""
-    drop = (b"content-length", b"transfer-encoding", RESUME_HEADER.encode())
-    headers = [(name, value) for name, value in scope["headers"] if name.lower() not in drop]
+    when resuming a stream (a client's own is dropped, as are DROPPED_HEADERS)."""
+    headers = [(name, value) for name, value in scope["headers"] if name not in DROPPED_HEADERS]
     headers.append((b"content-length", str(length).encode()))
     if resume is not None:
         headers.append((RESUME_HEADER.encode(), resume))
@@ -215,10 +230,14 @@ class Answer:
 
     def resume_header(self) -> bytes | None:
         """The id and creation time of the stream being resumed, for the next router to answer with."""
-        if not (self.replaying and self.events):
-            return None
-        first = msgspec.json.decode(self.events[0].removeprefix(b"data: "))
-        return f"{first['id']} {first['created']}".encode()
+        for event in self.events if self.replaying else ():
+            try:
+                chunk = msgspec.json.decode(event.removeprefix(b"data: "))
+            except msgspec.DecodeError:  # [DONE]
+                continue
+            if isinstance(chunk, dict) and "id" in chunk and "created" in chunk:  # (an error event has neither)
+                return f"{chunk['id']} {chunk['created']}".encode()
+        return None
 
     async def unless_ended(self, received) -> Message:
         """What the client sends next (its disconnect), or a disconnect once its response has ended early (a
@@ -276,8 +295,7 @@ class Answer:
         """End a stream that cannot go on: an error event in OpenAI's shape, then [DONE]."""
         error = {"message": message, "type": "server_error", "param": None, "code": code}
         event = b"data: " + json.dumps({"error": error}, separators=(",", ":")).encode() + b"\n\n"
-        await self.client({"type": "http.response.body", "body": (b"\n\n" if self.tail else b"") + event + DONE,
-                           "more_body": False})
+        await self.client({"type": "http.response.body", "body": event + DONE, "more_body": False})
         self.ended = True
         self.done.set()
 
