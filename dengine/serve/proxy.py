@@ -11,8 +11,9 @@ own limit, which `build_app(max_body_bytes=)` may set higher, and its own body t
 
 Having the whole body, it can also send a request again when the router replica it went to dies (killed,
 its node lost, Ray's memory monitor): Serve's proxy then returns without an answer, or with a stream cut
-short. A request not answered yet is sent again, to a router Serve still has, for up to `router_retry_s`
-(past that, a 503 with Retry-After). A stream is resumed the way the routers resume one whose engine died:
+short. A request to dengine's POST routes (ANSWER_PATHS; other applications' POSTs go on once) not answered
+yet is sent again, to a router Serve still has, for up to `router_retry_s` after each death (past that, a 503
+with Retry-After). A stream is resumed the way the routers resume one whose engine died:
 its seed is fixed here before the first try (`with_seed`), a later try asks the new router for the same
 response id and creation time (RESUME_HEADER), and the events the client already has are checked against
 the replay (`same_event`) and skipped; a replay that departs ends the stream with an error event and
