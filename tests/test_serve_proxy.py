@@ -14,6 +14,15 @@ from dengine.serve.proxy import (RESUME_HEADER, RETRY_AFTER_S, WholeBodies, body
                                  router_unavailable_response)
 
 
+async def _read_body(receive) -> bytes:
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
 class Inner:
     """An ASGI app that records every request it gets and the body it reads, and answers 200."""
 
@@ -21,11 +30,7 @@ class Inner:
         self.bodies: list[bytes] = []
 
     async def __call__(self, scope, receive, send) -> None:
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await _read_body(receive)
         self.bodies.append(body)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -110,11 +115,7 @@ class DiesFirst(Inner):
         self.deaths, self.answer = deaths, answer
 
     async def __call__(self, scope, receive, send) -> None:
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await _read_body(receive)
         self.bodies.append(body)
         if len(self.bodies) <= self.deaths:
             return
@@ -152,11 +153,7 @@ def test_an_answer_that_started_is_never_sent_again_whatever_its_status(status):
 def test_a_client_gone_while_its_request_was_out_is_not_sent_again():
     class Left(Inner):  # Serve's proxy noticing the client leave: it cancels the request and answers nothing
         async def __call__(self, scope, receive, send) -> None:
-            body, more = b"", True
-            while more:
-                message = await receive()
-                body += message.get("body", b"")
-                more = message.get("more_body", False)
+            body = await _read_body(receive)
             self.bodies.append(body)
             assert (await receive())["type"] == "http.disconnect"
 
@@ -185,11 +182,7 @@ class Streams:
         self.cancelled: list[int] = []
 
     async def __call__(self, scope, receive, send) -> None:
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await _read_body(receive)
         request = json.loads(body)
         headers = dict(scope["headers"])
         assert int(headers[b"content-length"]) == len(body)
