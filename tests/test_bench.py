@@ -36,7 +36,11 @@ def test_accuracy_harness_reports_every_policy(tiny_models, family, tmp_path, ca
     for r in results:
         assert r["n"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and r["nfe"] == 128 and r["tokens_per_s"] > 0
     assert results[0]["full_recompute_rate"] == 1.0 and results[2]["full_recompute_rate"] < 1.0
-    assert "| policy |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "| policy |" in printed.out
+    progress = [line for line in printed.err.splitlines() if line.startswith("policy ")]  # --no-tqdm: a line each
+    assert [line.split(":")[0] for line in progress] == ["policy 1/3 none", 'policy 2/3 entropy {"tau"',
+                                                         "policy 3/3 dual"], progress
 
 
 def _calibration_module():

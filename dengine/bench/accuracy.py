@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,7 +99,8 @@ def evaluate(llm: LLM, problems: list[Problem], params: SamplingParams, use_tqdm
 def compare(llm: LLM, problems: list[Problem], base: SamplingParams,
             policies: list[tuple[str, dict[str, Any] | None]], use_tqdm: bool = True) -> list[PolicyResult]:
     """Each policy on the same problems and sampler; speedups against the first one. With use_tqdm, an overall
-    bar counts the policies done above each run's own bar."""
+    bar counts the policies done above each run's own bar; without, a line on stderr as each policy ends (a
+    log shows a long run moving)."""
     results = []
     overall = tqdm(total=len(policies), desc="policies", unit="run", disable=not use_tqdm or len(policies) < 2,
                    dynamic_ncols=True)
@@ -106,6 +108,10 @@ def compare(llm: LLM, problems: list[Problem], base: SamplingParams,
         for name, config in policies:
             results.append(evaluate(llm, problems, base.replace(cache_policy=name, cache_config=config), use_tqdm))
             overall.update(1)
+            if not use_tqdm:
+                done = results[-1]
+                print(f"policy {len(results)}/{len(policies)} {name}{' ' + json.dumps(config) if config else ''}: "
+                      f"{done.accuracy:.1%} of {done.n} in {done.wall_s:.0f} s", file=sys.stderr, flush=True)
     for result in results:
         result.speedup = results[0].wall_s / result.wall_s
     return results
