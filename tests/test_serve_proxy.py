@@ -338,6 +338,8 @@ def test_a_resumed_stream_whose_replay_departs_ends_with_an_error_event_and_done
     assert [e.get("choices", [{}])[0].get("text") for e in events[:3]] == [f"{inner.tries[0][0]['seed']}:{i}"
                                                                            for i in range(3)]
     assert events[3]["error"]["code"] == "resume_failed" and "event 0" in events[3]["error"]["message"]
+    same = protocol.RequestError(events[3]["error"]["message"], status=502, kind="server_error", code="resume_failed")
+    assert events[3] == json.loads(protocol.error_body(same)), "the router's error event shape"
     assert len(events) == 4 and len(inner.tries) == 2
     assert inner.cancelled == [1], "the departed replay is cancelled, not decoded to its end"
 

@@ -83,11 +83,15 @@ def same_event(sent: bytes, replayed: bytes) -> bool:
     return a == b
 
 
-def _error_response(status: int, message: str, kind: str, code: str, headers: dict | None = None) -> Response:
-    """OpenAI's error body, as protocol.error_response writes it (tests/test_serve_proxy.py holds them equal)."""
+def _error_body(message: str, kind: str, code: str) -> bytes:
+    """OpenAI's error body, as protocol.error_body writes it (tests/test_serve_proxy.py holds them equal)."""
     error = {"message": message, "type": kind, "param": None, "code": code}
-    return Response(json.dumps({"error": error}, separators=(",", ":")), status_code=status,
-                    media_type="application/json", headers=headers)
+    return json.dumps({"error": error}, separators=(",", ":")).encode()
+
+
+def _error_response(status: int, message: str, kind: str, code: str, headers: dict | None = None) -> Response:
+    return Response(_error_body(message, kind, code), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 def body_timeout_response(timeout_s: float) -> Response:
@@ -294,8 +298,7 @@ class Answer:
 
     async def fail(self, message: str, code: str = "resume_failed") -> None:
         """End a stream that cannot go on: an error event in OpenAI's shape, then [DONE]."""
-        error = {"message": message, "type": "server_error", "param": None, "code": code}
-        event = b"data: " + json.dumps({"error": error}, separators=(",", ":")).encode() + b"\n\n"
+        event = b"data: " + _error_body(message, "server_error", code) + b"\n\n"
         await self.client({"type": "http.response.body", "body": event + DONE, "more_body": False})
         self.ended = True
         self.done.set()
