@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from scripts import load_script
 
 from dengine.bench import accuracy
 from dengine.training import train
@@ -43,16 +43,21 @@ def test_accuracy_harness_reports_every_policy(tiny_models, family, tmp_path, ca
                                                          "policy 3/3 dual"], progress
 
 
-def _calibration_module():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "calibrate_entropy.py"
-    spec = importlib.util.spec_from_file_location("calibrate_entropy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
+def test_accuracy_takes_a_fixed_count_per_step_and_refuses_bad_mixes(tiny_models, tmp_path, capsys):
+    out = tmp_path / "one"
+    accuracy.main(["--model", str(tiny_models / "dream"), "--n", "2", "--gen-length", "64", "--block-length", "32",
+                   "--policies", "none", "--tokens-per-step", "2", "--out", str(out), "--no-tqdm", "--dtype", "float32"])
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["sampler"]["tokens_per_step"] == 2 and record["results"][0]["nfe"] == 32  # 64 tokens, 2 a step
+    for bad in (["--threshold", "0.9"], ["--steps", "64"]):  # refused before the model loads
+        with pytest.raises(SystemExit):
+            accuracy.main(["--model", str(tmp_path / "absent"), "--task", "digit-reversal", "--tokens-per-step", "1",
+                           *bad])
+        assert "tokens_per_step" in capsys.readouterr().err
 
 def test_calibration_script_picks_a_setting(tiny_models, tmp_path, capsys):
-    module = _calibration_module()
+    module = load_script("benchmarks/calibrate_entropy.py")
     module.main(["--model", str(tiny_models / "llada"), "--n", "3", "--taus", "0", "1e9", "--ks", "2",
                  "--baselines", "dual", "--samplers", "one-token", "--gen-length", "128", "--block-length", "32",
                  "--tolerance", "100", "--dtype", "float32", "--out", str(tmp_path / "c"), "--no-tqdm", "--plot"])
@@ -69,7 +74,7 @@ def test_calibration_script_picks_a_setting(tiny_models, tmp_path, capsys):
 
 
 def test_calibration_rule_by_hand():
-    module = _calibration_module()
+    module = load_script("benchmarks/calibrate_entropy.py")
 
     result = accuracy_result
     none = result("none", None, 0.90, 80.0)
@@ -123,6 +128,27 @@ def test_policy_table_covers_every_model_sampler_and_batch_size(tiny_models, tmp
     assert "| model | sampler |" in out.with_suffix(".md").read_text()
     with pytest.raises(ValueError, match="sampler 'two-token'"):
         policies.sampler_params("two-token", 128, 32)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_one_token_sampler_commits_one_token_every_step(tiny_models, family):
+    """Dream's own schedule at steps == gen_length commits none on a block's first step and two on its last
+    (two tokens decided together); the benches' one-token sampler commits exactly one a step on both
+    families, and on LLaDA exactly what LLaDA's schedule commits."""
+    from dengine import LLM
+    from dengine.bench import policies
+
+    llm = LLM(str(tiny_models / family), dtype="float32")
+    prompt = {"prompt_token_ids": [5, 9, 17, 33, 12]}
+    one = policies.sampler_params("one-token", 64, 32).replace(stop_at_eos=False, trace=True)
+    out = llm.generate(prompt, one, use_tqdm=False)[0]
+    assert [len(step.commits) for step in out.trace.steps] == [1] * 64
+    schedule = llm.generate(prompt, one.replace(tokens_per_step=None), use_tqdm=False)[0]
+    commits = [len(step.commits) for step in schedule.trace.steps]
+    if family == "llada":
+        assert commits == [1] * 64 and schedule.token_ids == out.token_ids
+    else:
+        assert commits[0] == 0 and commits[31] == 2 and sum(commits) == 64
 
 
 def test_throughput_benchmark_reports_the_real_run(tiny_models, tmp_path):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scripts import load_script
 
 from dengine.tasks import SudokuChainGenerator, SudokuChainProblem, get_task
 from dengine.tasks.sudoku import SudokuProblem, SudokuShape
@@ -101,3 +103,38 @@ def test_the_held_out_split_is_fixed_and_the_lengths_fit():
     held = {p.key for p in CHAIN.held_out(500)}
     stream = CHAIN.training_stream(seed=0)
     assert all(next(stream).key not in held for _ in range(300))
+
+
+def test_first_grid_replay_counts_by_hand():
+    """benchmarks/chain_first_grid.py: a crafted trace of a puzzle with several completions, replayed."""
+    script = load_script("benchmarks/chain_first_grid.py")
+
+    def agreed(p, grids):  # blank cells every completion fills alike
+        return [c for c in range(16) if p.puzzle.givens[c] == 0 and len({g[c] for g in grids}) == 1]
+
+    problem, grids = next((p, g) for p in CHAIN.held_out(100)
+                          for g in [script.completions(SHAPE, p.puzzle.givens)] if len(g) >= 2 and agreed(p, g))
+    assert all(problem.puzzle.check(SHAPE.render(g)) for g in grids)
+    assert len(grids) == problem.puzzle.num_solutions()
+    split = next(c for c in range(16) if len({g[c] for g in grids}) > 1)  # a cell the completions disagree on
+    fixed = agreed(problem, grids)[0]
+    offset = {cell: offset for offset, cell in script.first_grid_cells(SHAPE).items()}
+    prompt = [0] * 7
+
+    def commit(cell, value):
+        return SimpleNamespace(position=len(prompt) + offset[cell], text=str(value))
+
+    chosen = grids[0]
+    other = next(v for v in range(1, 5) if v != chosen[split])
+    share = sum(g[split] == chosen[split] for g in grids) / len(grids)
+    steps = [SimpleNamespace(commits=[commit(fixed, chosen[fixed]), commit(split, chosen[split])]),
+             SimpleNamespace(commits=[commit(split, other)]),  # the same cell again, another value: impossible
+             SimpleNamespace(commits=[SimpleNamespace(position=len(prompt) + 40, text="3")])]  # not grid 0
+    trace = SimpleNamespace(prompt_token_ids=prompt, steps=steps, text=SHAPE.render(chosen) + ";1234")
+    counts = script.replay(problem, trace, 0.9)
+    assert counts["commits"] == 3
+    assert counts["parallel commits under the threshold"] == (share < 0.9)  # the fixed cell's share is 1
+    assert counts["impossible commits"] == 1
+    assert counts["valid first grids"] == 1 and counts["invalid first grids"] == 0
+    trace.text = "1111/2222/3333/4444;"
+    assert script.replay(problem, trace, 0.9)["invalid first grids"] == 1

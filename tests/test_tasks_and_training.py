@@ -194,3 +194,33 @@ def test_no_block_masking_keeps_the_uniform_loss_bit_for_bit():
     rows_a = model.rows
     b = diffusion_loss(model, canvas, 10, 99, torch.Generator().manual_seed(5), 32, 0.0)
     assert torch.equal(rows_a, model.rows) and torch.equal(a, b)
+
+
+def _block_starts(share: float, seed: int) -> list[int]:
+    """The block each block-masked row of a 64-row batch scores (its first scored answer position's block)."""
+    b, prompt_len, gen_length, block, mask = 64, 5, 128, 32, 99
+    canvas = torch.randint(0, 90, (b, prompt_len + gen_length))
+    model = _RecordingModel(128)
+    diffusion_loss(model, canvas, prompt_len, mask, torch.Generator().manual_seed(seed), block, 1.0, share)
+    scored = torch.zeros(b * (prompt_len + gen_length), dtype=torch.bool)
+    scored[model.rows] = True
+    answer = scored.view(b, -1)[:, prompt_len:]
+    return [int(row.nonzero().min()) // block for row in answer]
+
+
+def test_first_block_share_moves_block_rows_to_the_first_block():
+    seed = 11
+    assert set(_block_starts(1.0, seed)) == {0}
+    uniform, half = _block_starts(0.0, seed), _block_starts(0.5, seed)
+    assert set(uniform) == {0, 1, 2, 3}
+    # share 0.5: a row keeps its uniform block or takes block 0, and about half of the others move there
+    assert all(h in (u, 0) for u, h in zip(uniform, half))
+    moved = sum(h == 0 and u != 0 for u, h in zip(uniform, half))
+    assert 10 <= moved <= 38, moved
+    # share 0 draws nothing more: the same rows as before the option existed
+    canvas = torch.randint(0, 90, (16, 60))
+    model = _RecordingModel(128)
+    a = diffusion_loss(model, canvas, 10, 99, torch.Generator().manual_seed(5), 16, 0.5)
+    rows_a = model.rows
+    b = diffusion_loss(model, canvas, 10, 99, torch.Generator().manual_seed(5), 16, 0.5, 0.0)
+    assert torch.equal(rows_a, model.rows) and torch.equal(a, b)

@@ -164,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=positive_int, default=500, help="held-out problems")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="max_num_seqs (1 = one request at a time)")
     add_task_arguments(parser)
-    parser.add_argument("--steps", type=int, default=None, help="default: gen_length (one token per step)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="default: gen_length (LLaDA: one token per step; Dream's own schedule then commits "
+                             "none on a block's first step and two on its last: --tokens-per-step 1 for one a step)")
+    parser.add_argument("--tokens-per-step", type=positive_int, default=None,
+                        help="commit exactly this many tokens a step instead of the family's schedule")
     parser.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding")
     parser.add_argument("--stop-at-eos", action="store_true", help="finish a request once its answer is fixed")
     parser.add_argument("--dtype", default="bfloat16")
@@ -174,17 +178,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     task = model_task(args.model, args.task)
+    gen_length, block_length = generation_lengths(task, args.gen_length, args.block_length)
+    try:
+        base = SamplingParams(gen_length=gen_length, block_length=block_length, steps=args.steps,
+                              threshold=args.threshold, tokens_per_step=args.tokens_per_step,
+                              stop_at_eos=args.stop_at_eos)
+    except ValueError as error:
+        parser.error(str(error))
     check = QuietCheck()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.batch_size)
     problems = task.held_out(args.n)
-    gen_length, block_length = generation_lengths(task, args.gen_length, args.block_length)
-    base = SamplingParams(gen_length=gen_length, block_length=block_length, steps=args.steps,
-                          threshold=args.threshold, stop_at_eos=args.stop_at_eos)
     results = compare(llm, problems, base, [parse_policy(p) for p in args.policies], not args.no_tqdm)
     markdown = markdown_table(results)
     record = run_record(
         "python -m dengine.bench.accuracy", argv, check, model=str(args.model), task=task.name,
-        sampler={f: getattr(base, f) for f in ("gen_length", "block_length", "steps", "threshold", "stop_at_eos")},
+        sampler={f: getattr(base, f) for f in ("gen_length", "block_length", "steps", "threshold", "tokens_per_step",
+                                               "stop_at_eos")},
         batch_size=args.batch_size, results=[asdict(r) for r in results],
     )
     print(markdown)

@@ -27,11 +27,15 @@ from dengine.tasks import generation_lengths
 
 
 def sampler_params(spec: str, gen_length: int, block_length: int) -> SamplingParams:
-    """'one-token' (one commit per step), 'threshold:0.9' or 'factor:1.0' (Fast-dLLM parallel decoding)."""
+    """'one-token' (exactly one commit per step), 'threshold:0.9' or 'factor:1.0' (Fast-dLLM parallel decoding).
+
+    One token per step is `tokens_per_step=1`: LLaDA's schedule at steps == gen_length commits the same, but
+    Dream's timestep schedule commits none on a block's first step and two on its last, two tokens decided
+    together where a one-token rule decides them one after the other."""
     name, _, value = spec.partition(":")
     base = {"gen_length": gen_length, "block_length": block_length, "stop_at_eos": True}
     if name == "one-token" and not value:
-        return SamplingParams(**base)
+        return SamplingParams(**base, tokens_per_step=1)
     if name in ("threshold", "factor") and value:
         return SamplingParams(**base, **{name: float(value)})
     raise ValueError(f"sampler {spec!r}: use one-token, threshold:VALUE or factor:VALUE")

@@ -101,7 +101,7 @@ def encode_batch(problems: list[Problem], tokenizer, eot: int, eos: int, gen_len
 
 
 def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, generator: torch.Generator,
-                   block_length: int | None = None, block_rows: float = 0.0):
+                   block_length: int | None = None, block_rows: float = 0.0, first_block_share: float = 0.0):
     """LLaDA's SFT loss on one batch; Dream-format models read token i at output i - 1.
 
     Each response is masked at a ratio t ~ U(0, 1) and the cross-entropy on its masked positions is
@@ -114,7 +114,10 @@ def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, g
     clean, every block after it fully masked, the block itself masked at ratio t as above; only the
     block's masked positions are scored (1/t weighted, normalised by the block's length). Uniform masking
     alone lets a later, unmasked token reveal an earlier masked one (a copied band gives its source away),
-    which decoding left to right never shows the model.
+    which decoding left to right never shows the model. first_block_share of those rows (in expectation) take
+    the first block instead of a uniform one: the first block is where the answer's genuine choices are
+    made from the prompt alone (a chain's first grid), and where parallel decoding's commits are least
+    determined by what is already on the canvas.
     """
     b, t = canvas.shape
     gen_length = t - prompt_len
@@ -124,6 +127,8 @@ def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, g
     if n_block:
         blocks = -(-gen_length // block_length)
         first[:n_block] = torch.randint(blocks, (n_block,), generator=generator) * block_length
+        if first_block_share:
+            first[:n_block] *= torch.rand(n_block, generator=generator) >= first_block_share
         span[:n_block] = (gen_length - first[:n_block]).clamp(max=block_length)
     strata = (torch.randperm(b, generator=generator) + torch.rand(b, generator=generator)) / b
     counts = (strata * span).round().clamp(min=1).minimum(span).long()
@@ -170,12 +175,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-masking", type=float, default=0.0,
                         help="fraction of each batch masked as block-by-block decoding sees its canvas "
                              "(blocks of the task's block_length; see diffusion_loss)")
+    parser.add_argument("--first-block-share", type=float, default=0.0,
+                        help="share of the block-masked rows that take the answer's first block instead of a "
+                             "uniformly chosen one")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="start from this checkpoint's weights (same family and sizes) instead of a fresh init")
     args = parser.parse_args(argv)
     stop_at = args.steps if args.stop_at is None else args.stop_at
     if not 0 <= args.block_masking <= 1:
         parser.error(f"--block-masking must be in [0, 1], got {args.block_masking}")
+    if not 0 <= args.first_block_share <= 1:
+        parser.error(f"--first-block-share must be in [0, 1], got {args.first_block_share}")
     if not 0 < stop_at <= args.steps:
         parser.error(f"--stop-at must be in [1, --steps], got {args.stop_at}")
     if args.threads:
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = diffusion_loss(model, canvas, prompt_len, ids["mask_token"], generator,
-                                  task.block_length, args.block_masking)
+                                  task.block_length, args.block_masking, args.first_block_share)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
