@@ -27,26 +27,6 @@ from dengine.tasks.sudoku import SudokuShape
 from dengine.tasks.sudoku_chain import GRID_SEPARATOR
 
 
-def completions(shape: SudokuShape, givens: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Every valid grid that keeps the givens."""
-    found, grid = [], list(givens)
-
-    def fill(cell: int) -> None:
-        if cell == shape.cells:
-            found.append(tuple(grid))
-            return
-        if grid[cell]:
-            fill(cell + 1)
-            return
-        for value in shape.candidates(grid, cell):
-            grid[cell] = value
-            fill(cell + 1)
-        grid[cell] = 0
-
-    fill(0)
-    return found
-
-
 def first_grid_cells(shape: SudokuShape) -> dict[int, int]:
     """Answer offset -> cell index, for the first grid as `shape.render` writes it."""
     offsets = [i for i, char in enumerate(shape.render((1,) * shape.cells)) if char.isdigit()]
@@ -58,19 +38,18 @@ def replay(problem, trace, threshold: float) -> Counter:
     shape, counts = problem.shape, Counter()
     start = len(trace.prompt_token_ids)
     cells = first_grid_cells(shape)
-    consistent = completions(shape, problem.puzzle.givens)
+    consistent = list(shape.solutions(problem.puzzle.givens))
     for step in trace.steps:
-        chosen = [(cells[c.position - start], c.text) for c in step.commits if c.position - start in cells]
-        for cell, text in chosen:
-            value = int(text) if text and text.isdigit() else None
+        chosen = [(cells[c.position - start], int(c.text) if c.text and c.text.isdigit() else None)
+                  for c in step.commits if c.position - start in cells]
+        for cell, value in chosen:
             share = sum(g[cell] == value for g in consistent) / len(consistent) if consistent else 0.0
             counts["commits"] += 1
             if len(step.commits) > 1 and share < threshold:
                 counts["parallel commits under the threshold"] += 1
             if share == 0:
                 counts["impossible commits"] += 1
-        for cell, text in chosen:  # the step's commits condition the next step, not each other
-            value = int(text) if text and text.isdigit() else None
+        for cell, value in chosen:  # the step's commits condition the next step, not each other
             consistent = [g for g in consistent if g[cell] == value]
     first = (trace.text or "").strip().split(GRID_SEPARATOR)[0]
     counts["valid first grids" if problem.puzzle.check(first) else "invalid first grids"] += 1

@@ -68,6 +68,8 @@ def test_several_completions_are_all_accepted():
     shape = SudokuShape(2, 2)
     completions = [grid for grid in _all_grids(shape) if grid[0] == 1]
     assert len(completions) == shape.count_solutions(givens, limit=1000) == 288 // 4
+    assert sorted(shape.solutions(givens)) == sorted(completions)
+    assert shape.count_solutions(givens, limit=5) == 5
     problem = SudokuProblem(givens, completions[0], shape)
     assert all(problem.check(shape.render(grid)) for grid in completions)
 

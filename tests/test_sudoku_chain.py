@@ -113,7 +113,7 @@ def test_first_grid_replay_counts_by_hand():
         return [c for c in range(16) if p.puzzle.givens[c] == 0 and len({g[c] for g in grids}) == 1]
 
     problem, grids = next((p, g) for p in CHAIN.held_out(100)
-                          for g in [script.completions(SHAPE, p.puzzle.givens)] if len(g) >= 2 and agreed(p, g))
+                          for g in [list(SHAPE.solutions(p.puzzle.givens))] if len(g) >= 2 and agreed(p, g))
     assert all(problem.puzzle.check(SHAPE.render(g)) for g in grids)
     assert len(grids) == problem.puzzle.num_solutions()
     split = next(c for c in range(16) if len({g[c] for g in grids}) > 1)  # a cell the completions disagree on

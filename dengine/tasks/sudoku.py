@@ -14,8 +14,10 @@ cannot. Difficulty knobs: the box shape (2x2 for 4x4 grids, 2x3 for 6x6) and the
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import islice
 
 BLANK = "."
 ROW_SEPARATOR = "/"
@@ -82,27 +84,28 @@ class SudokuShape:
         taken = {values[p] for p in self.peers[cell]}
         return [d for d in range(1, self.size + 1) if d not in taken]
 
-    def count_solutions(self, givens: tuple[int, ...], limit: int) -> int:
-        """How many completions the givens have, counting up to limit (backtracking, fewest candidates first)."""
+    def solutions(self, givens: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+        """Every completion of the givens, lazily (backtracking, fewest candidates first)."""
         values = list(givens)
         if any(v and v in {values[p] for p in self.peers[i]} for i, v in enumerate(values)):
-            return 0
+            return
 
-        def search() -> int:
+        def search() -> Iterator[tuple[int, ...]]:
             blanks = [i for i, v in enumerate(values) if v == 0]
             if not blanks:
-                return 1
+                yield tuple(values)
+                return
             cell = min(blanks, key=lambda i: len(self.candidates(values, i)))
-            found = 0
             for digit in self.candidates(values, cell):
                 values[cell] = digit
-                found += search()
-                values[cell] = 0
-                if found >= limit:
-                    break
-            return found
+                yield from search()
+            values[cell] = 0
 
-        return search()
+        yield from search()
+
+    def count_solutions(self, givens: tuple[int, ...], limit: int) -> int:
+        """How many completions the givens have, counting up to limit."""
+        return sum(1 for _ in islice(self.solutions(givens), limit))
 
     def random_grid(self, rng: random.Random, givens: tuple[int, ...] | None = None) -> tuple[int, ...]:
         """A random full grid (randomised backtracking fill, cell by cell), keeping givens (0 = free) if any;
