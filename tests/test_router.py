@@ -252,3 +252,33 @@ def test_a_resumed_streams_router_answers_with_the_response_id_and_time_serves_p
         assert calls[0][0].startswith("cmpl-") and calls[0][0] != "cmpl-1" and abs(calls[0][1] - time.time()) < 60
     else:
         assert calls == [fixed]
+
+
+def test_a_router_reports_until_the_control_replica_knows_it_drained_with_nothing_in_flight(monkeypatch):
+    """The router's report loop (deployment.Router._report, run on a stand-in router): it reports while serving,
+    learns the drain from the control replica's answer, keeps reporting while a request is in flight, and stops
+    after the first report that says it drains with nothing in flight, so that no call to the control replica
+    is pending when `dengine serve` shuts its Ray down."""
+    deployment = pytest.importorskip("dengine.serve.deployment")
+    monkeypatch.setattr(deployment, "REPORT_PERIOD_S", 0.001)
+    relay = Relay(Replicas().call, (Died,), retry_timeout_s=1)
+    relay.in_flight = 1
+    sent = []
+
+    class Control:
+        class report:  # noqa: N801 (a handle's method: control.report.remote(...))
+            @staticmethod
+            def remote(name, stats):
+                sent.append(dict(stats))
+                if len(sent) == 3:
+                    relay.in_flight = 0  # the last request finished between two reports
+
+                async def answer():
+                    return len(sent) >= 2, False  # the drain starts with the second report's answer
+                return answer()
+
+    router = type("Router", (), {"name": "r", "control": Control(), "relay": relay})()
+    router.stats = lambda: deployment.Router.func_or_class.stats(router)
+    asyncio.run(asyncio.wait_for(deployment.Router.func_or_class._report(router), 5))
+    assert [(s["draining"], s["in_flight"]) for s in sent] == [(False, 1), (False, 1), (True, 1), (True, 0)]
+    assert relay.draining

@@ -240,17 +240,22 @@ class Router:
         return Response(body, status_code=status, media_type=media_type, headers=headers)
 
     async def _report(self) -> None:
-        """Report to the control replica every REPORT_PERIOD_S; start draining, or cut off, when it says so."""
+        """Report to the control replica every REPORT_PERIOD_S; start draining, or cut off, when it says so. Once
+        the control replica has heard that this router drains with nothing in flight, stop: nothing is left to
+        learn (a draining router takes no request), and no call is pending when the service's Ray shuts down."""
         failing = False
         while True:
+            stats = self.stats()
             try:
-                draining, cut = await self.control.report.remote(self.name, self.stats())
+                draining, cut = await self.control.report.remote(self.name, stats)
             except Exception as exc:  # the control replica restarting: keep serving, report again
                 if not failing:
                     logger.warning("router %s cannot reach the control replica (%r)", self.name, exc)
                 failing = True
             else:
                 failing = False
+                if stats["draining"] and not stats["in_flight"]:
+                    return
                 self.relay.draining = self.relay.draining or draining
                 if cut:
                     self.relay.cut_off()
