@@ -241,6 +241,34 @@ def test_parallel_options_by_hand():
     assert two_steps.recent.tolist() == [11, 2], "k when the newest steps hold fewer"
 
 
+def test_suffix_tau_recomputes_the_suffix_once_its_stale_mass_reaches_it_by_hand():
+    """suffix_tau: a partial step computes the suffix only once the entropy mass committed since the suffix was
+    last computed (by a full step or a partial step that included it) reaches suffix_tau; 0 is every step."""
+    peaked = torch.tensor([[0.97, 0.01, 0.01, 0.01]])  # H = 0.1677
+    h = float(torch.special.entr(peaked).sum())
+
+    class Seq:
+        params = SamplingParams(gen_length=16, block_length=4, threshold=0.9)
+        block_end, num_tokens = 8, 12
+
+        @staticmethod
+        def masked_in_block():
+            return torch.tensor([6, 7])
+
+    policy = make_policy("entropy", {"tau": 1e9, "k": 0, "recent_steps": 0, "suffix": True, "suffix_tau": 0.4})
+    always = make_policy("entropy", {"tau": 1e9, "k": 0, "recent_steps": 0, "suffix": True})
+    with_suffix, without = [6, 7, 8, 9, 10, 11], [6, 7]
+    planned = []
+    for step, (positions, full) in enumerate([([1, 2], True), ([3], False), ([4], False), ([5], False), ([0], False)]):
+        for p in (policy, always):
+            _commit(p, positions, peaked.expand(len(positions), 4), full=full, seq=Seq)
+        planned.append((policy.suffix_stale, policy.plan(Seq).tolist()))
+        assert always.plan(Seq).tolist() == with_suffix, "suffix_tau 0: every partial step"
+    assert [stale for stale, _ in planned] == pytest.approx([2 * h, 3 * h, h, 2 * h, 3 * h])
+    assert [plan for _, plan in planned] == [without, with_suffix, without, without, with_suffix], \
+        "0.34 < 0.4 after the full step; 0.50 >= 0.4: due; the step that computed it resets the mass to its own"
+
+
 def test_defaults_follow_the_sampler():
     from dengine.scheduler.policies.entropy import ONE_TOKEN_DEFAULTS, PARALLEL_DEFAULTS, EntropyOptions
 

@@ -14,7 +14,8 @@ its commits; `accumulate` adds the scores of the steps since the last full recom
 commits never keep the K/V they had as masks. `suffix` makes partial steps also recompute every position after
 the current block (the answer's still-masked remainder, Fast-dLLM's prefix-cache window): on the long task the
 stale K/V that cost accuracy are the suffix's, not the prompt's or the committed tokens' (docs/benchmarks.md
-2c). Unset options take per-sampler defaults (ONE_TOKEN_DEFAULTS, PARALLEL_DEFAULTS).
+2c); `suffix_tau` recomputes it only once the entropy mass committed since it was last computed reaches
+suffix_tau (confident commits barely move what the masks ahead read). Unset options take per-sampler defaults (ONE_TOKEN_DEFAULTS, PARALLEL_DEFAULTS).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
     accumulate: bool | None = None  # sum the step signals since the last full recompute
     recent_steps: Annotated[int, msgspec.Meta(ge=0)] | None = None  # also recompute all commits of the last j steps
     suffix: bool | None = None  # partial steps also recompute every position after the current block
+    # with suffix: only once the entropy mass committed since the suffix was last computed reaches suffix_tau
+    suffix_tau: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
 
     def resolved(self, parallel: bool) -> "EntropyOptions":
         """Every unset option filled with the sampler's default."""
@@ -53,9 +56,11 @@ class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
                                                 if getattr(self, name) is None})
 
 
-ONE_TOKEN_DEFAULTS = {"tau": 0.01, "k": 2, "signal": "max", "accumulate": False, "recent_steps": 0, "suffix": False}
+ONE_TOKEN_DEFAULTS = {"tau": 0.01, "k": 2, "signal": "max", "accumulate": False, "recent_steps": 0, "suffix": False,
+                      "suffix_tau": 0.0}
 # Threshold / factor decoding: the joint rule over sudoku4 and sudoku-chain, both models (docs/benchmarks.md 2c).
-PARALLEL_DEFAULTS = {"tau": 0.01, "k": 8, "signal": "sum", "accumulate": True, "recent_steps": 1, "suffix": True}
+PARALLEL_DEFAULTS = {"tau": 0.01, "k": 8, "signal": "sum", "accumulate": True, "recent_steps": 1, "suffix": True,
+                     "suffix_tau": 0.0}
 
 
 def step_entropy(probs: torch.Tensor, signal: str) -> float:
@@ -82,12 +87,15 @@ class EntropyCache(CachePolicy):
         # the recent_steps newest steps if that is more.
         self.recent = torch.zeros(0, dtype=torch.long)
         self.recent_steps: list[int] = []  # commits per step in self.recent, newest first
+        self.suffix_stale = 0.0  # entropy mass committed since the suffix was last computed
+        self.refresh_suffix = True  # whether the next partial step computes the suffix
 
     def plan(self, seq) -> torch.Tensor | None:
         if self.needs_full_recompute or (self.options.refresh_on_block_start and seq.block_step == 0):
             return None
         parts = [self.recent, seq.masked_in_block()] if self.recent.numel() else [seq.masked_in_block()]
-        if self.effective.suffix and seq.block_end < seq.num_tokens:  # effective: set by the first observe
+        suffix = self.effective.suffix and self.refresh_suffix  # (effective: set by the first observe)
+        if suffix and seq.block_end < seq.num_tokens:
             parts.append(torch.arange(seq.block_end, seq.num_tokens))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -102,6 +110,9 @@ class EntropyCache(CachePolicy):
             signal += self.last_entropy  # no refresh since: the staleness adds up
         self.last_entropy = signal
         self.needs_full_recompute = signal > options.tau
+        mass = step_entropy(outcome.probs, "sum")  # what this step's commits changed for the suffix
+        self.suffix_stale = mass + (0.0 if full or self.refresh_suffix else self.suffix_stale)
+        self.refresh_suffix = self.suffix_stale >= options.suffix_tau
         counts = [outcome.positions.numel(), *self.recent_steps]
         keep = max(options.k, sum(counts[: options.recent_steps]))
         self.recent = torch.cat([outcome.positions, self.recent])[:keep]
