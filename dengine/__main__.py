@@ -1,6 +1,9 @@
 """`python -m dengine`: the main job on an embedded model.
 
-Decodes held-out problems of the model's task three ways on the same problems: exact decoding ("none"),
+By default the long task on `llada-chain`: 12 chains of 12 dependent sudokus (239-token answers in 8 blocks),
+where a stale cache is visibly wrong and the cache saves most (about 80 s on 2 cores); `--model llada-sudoku`
+decodes 500 Sudoku puzzles instead. Decodes held-out problems of the model's task three ways on the same
+problems: exact decoding ("none"),
 EntropyCache at its defaults, and EntropyCache set too aggressively (never refreshing after step 0). Prints a
 few answers of each, then accuracy and speed side by side: the accuracy-for-speed trade-off of the cache.
 """
@@ -12,7 +15,7 @@ import json
 
 import torch
 
-from dengine.assets import DEFAULT_MODEL, resolve_model
+from dengine.assets import resolve_model
 from dengine.bench.accuracy import compare, markdown_table, model_task
 from dengine.bench.policies import sampler_params
 from dengine.bench.report import QuietCheck
@@ -22,19 +25,23 @@ from dengine.models.layers import num_weights
 from dengine.scheduler.policies.entropy import EntropyOptions
 
 AGGRESSIVE = {"tau": 1e9, "k": 0}  # never refresh, never recompute committed tokens
+MAIN_JOB_MODEL = "llada-chain"  # the long task: the trade-off at its clearest (docs/benchmarks.md 1c)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dengine", description=__doc__.splitlines()[0],
                                      formatter_class=DefaultsHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded model name or checkpoint folder "
-                                                               f"(default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=MAIN_JOB_MODEL, help=f"embedded model name or checkpoint folder "
+                                                                f"(default: {MAIN_JOB_MODEL})")
     parser.add_argument("--task", default=None, help="default: the task the model's folder names")
-    parser.add_argument("--n", type=positive_int, default=500, help="held-out problems")
+    parser.add_argument("--n", type=positive_int, default=None,
+                        help="held-out problems (default: the task's main_job_problems: 500 for sudoku4, 12 for "
+                             "sudoku-chain)")
     parser.add_argument("--aggressive", default=json.dumps(AGGRESSIVE),
                         help="the too-aggressive EntropyCache options shown for contrast (JSON)")
     args = parser.parse_args(argv)
     task = model_task(args.model, args.task)
+    args.n = args.n or task.main_job_problems
     check = QuietCheck()
     llm = LLM(args.model)
     config = llm.engine.config

@@ -21,6 +21,25 @@ def test_subcommands_hand_their_arguments_on(argv, target, monkeypatch):
     assert seen == [argv[1:] if argv[0] != "bench" else argv[2:]]
 
 
+@pytest.mark.parametrize("argv, count", [([], 12), (["--model", "llada-sudoku"], 500), (["--model", "dream-chain",
+                                                                                            "--n", "3"], 3)])
+def test_the_main_job_decodes_its_tasks_default_number_of_problems(argv, count, monkeypatch):
+    """`python -m dengine`: 12 chains on llada-chain by default (239 tokens one at a time each), 500 Sudoku
+    puzzles on a Sudoku model, or --n."""
+    import dengine.__main__ as main_job
+
+    seen = []
+
+    def compare(llm, problems, base, runs):
+        seen.append(len(problems))
+        raise SystemExit(0)  # the decoding itself is the accuracy harness's (tests/test_bench.py)
+
+    monkeypatch.setattr(main_job, "compare", compare)
+    with pytest.raises(SystemExit):
+        main_job.main(argv)
+    assert seen == [count]
+
+
 @pytest.mark.parametrize("argv, shows", [
     (["demo", "--help"], "--aggressive"), (["explore", "--help"], "--output"),
     (["bench", "drift", "--help"], "--sampler"), (["bench", "--help"], "headline"),

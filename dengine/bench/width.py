@@ -37,7 +37,7 @@ from dengine.models.loader import INDEX_FILE, load_model, read_model_config
 from dengine.tasks import task_of_folder
 
 # The real config.json and generation_config.json of LLaDA-8B-Instruct and Dream-v0-Instruct-7B
-# (docs: /work/shared/reference/checkpoints.md), the fields dengine reads; LAYERS names the layer count.
+# (as published with the checkpoints), the fields dengine reads; LAYERS names the layer count.
 REAL_CONFIGS = {
     "llada": {
         "activation_type": "silu", "alibi": False, "architectures": ["LLaDAModelLM"],
