@@ -79,8 +79,17 @@ def test_caches_compute_fewer_rows_and_reuse_changes_tokens_somewhere(folders, f
         outs = _llm(folders[family], policy).generate(prompts, sampler, use_tqdm=False)
         assert all(o.metrics.avg_query_tokens < e.metrics.avg_query_tokens for o, e in zip(outs, exact))
         assert all(o.metrics.full_recomputes == 1 for o in outs)
-        outs = _llm(folders[family], policy, cache_config=config).generate(prompts, sampler, use_tqdm=False)
-        assert any(o.token_ids != e.token_ids for o, e in zip(outs, exact)), policy
+        stale = _llm(folders[family], policy, cache_config=config)
+        outs = stale.generate(prompts, sampler, use_tqdm=False)
+        differ = any(o.token_ids != e.token_ids for o, e in zip(outs, exact))
+        for round_ in range(1, 3):  # on a rare draw all 24 agree (seen once in a full run): more prompts, not a pass
+            if differ:
+                break
+            more = [_prompt(seed + 24 * round_ + i, 9) for i in range(24)]
+            reference = _llm(folders[family]).generate(more, sampler, use_tqdm=False)
+            differ = any(o.token_ids != e.token_ids
+                         for o, e in zip(stale.generate(more, sampler, use_tqdm=False), reference))
+        assert differ, policy
 
 
 def test_dllm_refresh_schedule_and_query_sets():

@@ -15,7 +15,8 @@ commits never keep the K/V they had as masks. `suffix` makes partial steps also 
 the current block (the answer's still-masked remainder, Fast-dLLM's prefix-cache window): on the long task the
 stale K/V that cost accuracy are the suffix's, not the prompt's or the committed tokens' (docs/benchmarks.md
 2c); `suffix_tau` recomputes it only once the entropy mass committed since it was last computed reaches
-suffix_tau (confident commits barely move what the masks ahead read). Unset options take per-sampler defaults (ONE_TOKEN_DEFAULTS, PARALLEL_DEFAULTS).
+suffix_tau (confident commits barely move what the masks ahead read). Unset options take per-sampler
+defaults (ONE_TOKEN_DEFAULTS, PARALLEL_DEFAULTS).
 """
 
 from __future__ import annotations
