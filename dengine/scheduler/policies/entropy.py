@@ -64,15 +64,19 @@ PARALLEL_DEFAULTS = {"tau": 0.01, "k": 8, "signal": "sum", "accumulate": True, "
                      "suffix_tau": 0.0}
 
 
-def step_entropy(probs: torch.Tensor, signal: str) -> float:
+def commit_entropies(probs: torch.Tensor) -> torch.Tensor:
+    """H(p_i) of each row of probs (natural log, 0 log 0 = 0)."""
+    return torch.special.entr(probs).sum(-1)
+
+
+def step_entropy(entropy: torch.Tensor, signal: str) -> float:
     """A step's commits scored by the max ("max") or the sum ("sum") of their entropies."""
-    entropy = torch.special.entr(probs).sum(-1)
     return (entropy.max() if signal == "max" else entropy.sum()).item()
 
 
 def max_entropy(probs: torch.Tensor) -> float:
-    """max_i H(p_i) over the rows of probs (natural log, 0 log 0 = 0): the paper's signal."""
-    return step_entropy(probs, "max")
+    """max_i H(p_i) over the rows of probs: the paper's signal."""
+    return step_entropy(commit_entropies(probs), "max")
 
 
 class EntropyCache(CachePolicy):
@@ -106,14 +110,16 @@ class EntropyCache(CachePolicy):
         if self.effective is None:
             self.effective = self.options.resolved(seq is not None and seq.params.parallel)
         options = self.effective
-        signal = step_entropy(outcome.probs, options.signal)
+        entropy = commit_entropies(outcome.probs)
+        signal = step_entropy(entropy, options.signal)
         if options.accumulate and not full and self.last_entropy is not None:
             signal += self.last_entropy  # no refresh since: the staleness adds up
         self.last_entropy = signal
         self.needs_full_recompute = signal > options.tau
-        mass = step_entropy(outcome.probs, "sum")  # what this step's commits changed for the suffix
-        self.suffix_stale = mass + (0.0 if full or self.refresh_suffix else self.suffix_stale)
-        self.refresh_suffix = self.suffix_stale >= options.suffix_tau
+        if options.suffix and options.suffix_tau:  # (suffix_tau 0: every partial step, nothing to track)
+            stale = 0.0 if full or self.refresh_suffix else self.suffix_stale  # did the step just run compute it
+            self.suffix_stale = stale + step_entropy(entropy, "sum")
+            self.refresh_suffix = self.suffix_stale >= options.suffix_tau
         counts = [outcome.positions.numel(), *self.recent_steps]
         keep = max(options.k, sum(counts[: options.recent_steps]))
         self.recent = torch.cat([outcome.positions, self.recent])[:keep]
@@ -138,5 +144,6 @@ class EntropyCache(CachePolicy):
         else:
             reason = (f"{name} {self.last_entropy:.3g} <= tau {tau:g}: the block's masks and the "
                       f"{self.recent.numel()} latest commits" + (", and every position after the block"
-                                                                  if options.suffix else ""))
+                                                                  if options.suffix and self.refresh_suffix
+                                                                  else ""))
         return Decision(full=full, reason=reason, signal=self.last_entropy, threshold=tau)
