@@ -35,7 +35,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica (default 1)")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default 1 if CUDA, else 0)")
     parser.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32 or float64")
+    parser.add_argument("--dtype", default="auto", help="auto (default: bfloat16, or float32 on a CPU without bf16 "
+                        "hardware when it fits), bfloat16, float16, float32 or float64")
     parser.add_argument("--cache-policy", default="entropy",
                         help="none, prefix, dual, entropy (default), dllm or d2cache (docs/sampling.md)")
     parser.add_argument("--cache-config", default=None, help='the policy\'s options as JSON, e.g. \'{"tau": 0.05, "k": 8}\'')
@@ -63,7 +64,8 @@ def check_engine_options(args: argparse.Namespace) -> tuple[dict, dict]:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     try:
         folder = resolve_model(args.model)
-        resolve_dtype(args.dtype)
+        if args.dtype != "auto":
+            resolve_dtype(args.dtype)
     except ValueError as exc:
         raise ValueError(f"--{'dtype' if 'dtype' in str(exc) else 'model'}: {exc}") from None
     config = None

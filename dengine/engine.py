@@ -92,7 +92,7 @@ class LLMEngine:
         self,
         model: str | Path,
         *,
-        dtype: str | torch.dtype = "bfloat16",
+        dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
         cache_policy: str = "none",
         cache_config: dict[str, Any] | None = None,

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="embedded model name or checkpoint folder")
     parser.add_argument("--policy", default="entropy", help="cache policy: none, prefix, dual, entropy, ...")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--gen-length", type=int, default=None, help="default: the task's, or 128")
     parser.add_argument("--block-length", type=int, default=None, help="default: the task's, or 32")
     parser.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding threshold")

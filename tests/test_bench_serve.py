@@ -210,17 +210,24 @@ def test_the_chaos_bench_names_what_died_and_its_memory_hog_takes_and_frees_memo
         roles = chaos.serve_replicas()
         assert (roles[engine.pid], roles[controller.pid]) == ("engine", "controller")
 
-        def hog_rss() -> int:  # the spawned hog: a child of this process other than the two sleepers
-            total = 0
+        def children() -> dict[int, int]:  # pid -> resident bytes of this process's children now
+            found = {}
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:
                     with open(f"/proc/{pid}/status", encoding="ascii") as f:
                         fields = dict(line.split(":", 1) for line in f)
                 except OSError:
                     continue
-                if int(fields["PPid"]) == os.getpid() and int(pid) not in (engine.pid, controller.pid):
-                    total += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-            return total
+                if int(fields["PPid"]) == os.getpid():
+                    found[int(pid)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+            return found
+
+        # the spawned hog: a child that was not there before (an earlier test's lingering child, say a Ray
+        # process, must not make the stand-in monitor kill before the hog has taken anything)
+        earlier = set(children())
+
+        def hog_rss() -> int:
+            return sum(rss for pid, rss in children().items() if pid not in earlier)
 
         def monitor():  # kills the controller first, as Ray's policy by owner group does, then the engine
             deadline = time.monotonic() + 60

@@ -91,7 +91,7 @@ def test_serve_hands_checked_options_to_the_app(monkeypatch):
     monkeypatch.setattr(cli, "_serve", lambda args, defaults, engine: seen.append((defaults, engine)))
     cli.main(["serve", "--model", "llada-sudoku", "--cache-config", '{"tau": 0.1}', "--port", "0"])
     assert seen == [({"gen_length": 24, "block_length": 24},
-                     {"dtype": "bfloat16", "cache_policy": "entropy", "max_num_seqs": 64, "cache_config": {"tau": 0.1}})]
+                     {"dtype": "auto", "cache_policy": "entropy", "max_num_seqs": 64, "cache_config": {"tau": 0.1}})]
     import contextlib
     import io
 

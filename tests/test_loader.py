@@ -55,7 +55,22 @@ def test_loads_single_and_sharded_weights_in_requested_dtype(tmp_path, family, s
     q_name = "model.transformer.blocks.1.q_proj.weight" if family == "llada" else "model.layers.1.self_attn.q_proj.weight"
     q_rows = sd[q_name].shape[0]
     assert torch.equal(model.layers[1].attn.qkv_proj.weight[:q_rows], sd[q_name].to(torch.bfloat16).float())
-    assert load_model(folder).embed.weight.dtype == torch.bfloat16
+    assert load_model(folder, dtype="bfloat16").embed.weight.dtype == torch.bfloat16
+    expected = torch.bfloat16 if loader.cpu_computes_bf16() else torch.float32  # a tiny model's fp32 weights fit
+    assert load_model(folder).embed.weight.dtype == expected
+
+
+def test_auto_dtype_is_bf16_where_computed_else_fp32_when_it_leaves_room(monkeypatch):
+    """"auto": bf16 on GPUs and on CPUs with bf16 hardware; on a CPU without, fp32 unless fp32 weights would
+    take more than half the free memory (a full-size checkpoint on a 24 GB machine), then bf16."""
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda device: 24 << 30)
+    for hardware, params, expected in ((True, 5_000_000, torch.bfloat16), (False, 5_000_000, torch.float32),
+                                       (False, 3 << 30, torch.float32), (False, (3 << 30) + 1, torch.bfloat16),
+                                       (False, 8_000_000_000, torch.bfloat16)):
+        monkeypatch.setattr(loader, "cpu_computes_bf16", lambda hardware=hardware: hardware)
+        assert loader.auto_dtype(params, torch.device("cpu")) == expected, (hardware, params)
+    monkeypatch.setattr(loader, "cpu_computes_bf16", lambda: False)
+    assert loader.auto_dtype(5_000_000, torch.device("cuda")) == torch.bfloat16
 
 
 def _edit_json(path, **changes):
