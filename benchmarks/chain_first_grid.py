@@ -12,6 +12,8 @@ problems with the engine (traced) and replays each trace's first-grid commits in
     model was more confident than the puzzle allows, and a second token decided in the same step could
     come from another completion),
   * commits with true probability 0 (no completion of the puzzle agrees with what was already committed),
+    split by the model's confidence (at or above the threshold: confidently wrong; under it: a step that
+    reached no threshold commits its best guess alone) and by whether the step committed several tokens,
   * first grids that are not a completion of the puzzle.
 """
 
@@ -40,16 +42,19 @@ def replay(problem, trace, threshold: float) -> Counter:
     cells = first_grid_cells(shape)
     consistent = list(shape.solutions(problem.puzzle.givens))
     for step in trace.steps:
-        chosen = [(cells[c.position - start], int(c.text) if c.text and c.text.isdigit() else None)
+        chosen = [(cells[c.position - start], int(c.text) if c.text and c.text.isdigit() else None, c.confidence)
                   for c in step.commits if c.position - start in cells]
-        for cell, value in chosen:
+        parallel = len(step.commits) > 1
+        for cell, value, confidence in chosen:
             share = sum(g[cell] == value for g in consistent) / len(consistent) if consistent else 0.0
             counts["commits"] += 1
-            if len(step.commits) > 1 and share < threshold:
+            if parallel and share < threshold:
                 counts["parallel commits under the threshold"] += 1
             if share == 0:
                 counts["impossible commits"] += 1
-        for cell, value in chosen:  # the step's commits condition the next step, not each other
+                sure = "confident" if confidence >= threshold else "unsure"
+                counts[f"impossible commits, {sure}, {'parallel' if parallel else 'alone'}"] += 1
+        for cell, value, _ in chosen:  # the step's commits condition the next step, not each other
             consistent = [g for g in consistent if g[cell] == value]
     first = (trace.text or "").strip().split(GRID_SEPARATOR)[0]
     counts["valid first grids" if problem.puzzle.check(first) else "invalid first grids"] += 1

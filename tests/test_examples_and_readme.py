@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from scripts import load_script
 
 from dengine import LLMEngine, SamplingParams
 from dengine.async_engine import AsyncLLMEngine
@@ -37,26 +37,19 @@ def test_readme_blocks_that_need_a_real_checkpoint_say_so():
             assert block.startswith(NEEDS), block
 
 
-def _load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_openai_client_example_gets_right_answers_from_the_embedded_model(capsys):
     engine = LLMEngine(ROOT / "dengine" / "assets" / "llada-sudoku", dtype="float32", kv_cache_memory=1 << 26,
                        block_size=8)
     server = OpenAIServer(AsyncLLMEngine(engine), "llada-sudoku", SamplingParams(gen_length=24))
     with TestClient(create_app(server)) as client:
-        _load_example("openai_client").main(["--base-url", "http://testserver/v1"], http_client=client)
+        load_script("examples/openai_client.py").main(["--base-url", "http://testserver/v1"], http_client=client)
     printed = capsys.readouterr().out
     assert "llada-sudoku was trained on sudoku4" in printed
     assert printed.count("(right)") >= 6 and printed.count("(wrong)") <= 1, printed
 
 
 def test_offline_batch_example_asks_an_embedded_model_its_task(capsys):
-    _load_example("offline_batch").main(["--n", "4", "--dtype", "float32"])
+    load_script("examples/offline_batch.py").main(["--n", "4", "--dtype", "float32"])
     printed = capsys.readouterr().out
     assert printed.count("Complete the sudoku") == 4 and printed.count("(right)") >= 3, printed
 
@@ -64,9 +57,7 @@ def test_offline_batch_example_asks_an_embedded_model_its_task(capsys):
 def test_lm_eval_task_data_is_the_held_out_split_and_is_graded_by_the_tasks_checker():
     """examples/lm_eval: the shipped JSONL is what utils.py writes (it cannot go stale), and process_results grades
     with the task's own check: a valid completion right, a grid that breaks a given wrong."""
-    spec = importlib.util.spec_from_file_location("lm_eval_utils", ROOT / "examples" / "lm_eval" / "utils.py")
-    utils = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(utils)
+    utils = load_script("examples/lm_eval/utils.py")
     lines = (ROOT / "examples" / "lm_eval" / "sudoku4.jsonl").read_text().splitlines()
     problems = utils.problems()
     assert [json.loads(line) for line in lines] == [{"index": i, "question": p.question} for i, p in enumerate(problems)]

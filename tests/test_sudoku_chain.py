@@ -121,20 +121,24 @@ def test_first_grid_replay_counts_by_hand():
     offset = {cell: offset for offset, cell in script.first_grid_cells(SHAPE).items()}
     prompt = [0] * 7
 
-    def commit(cell, value):
-        return SimpleNamespace(position=len(prompt) + offset[cell], text=str(value))
+    def commit(cell, value, confidence=0.95):
+        return SimpleNamespace(position=len(prompt) + offset[cell], text=str(value), confidence=confidence)
 
     chosen = grids[0]
     other = next(v for v in range(1, 5) if v != chosen[split])
     share = sum(g[split] == chosen[split] for g in grids) / len(grids)
     steps = [SimpleNamespace(commits=[commit(fixed, chosen[fixed]), commit(split, chosen[split])]),
-             SimpleNamespace(commits=[commit(split, other)]),  # the same cell again, another value: impossible
-             SimpleNamespace(commits=[SimpleNamespace(position=len(prompt) + 40, text="3")])]  # not grid 0
+             SimpleNamespace(commits=[commit(split, other, 0.4)]),  # the same cell again, another value: impossible
+             SimpleNamespace(commits=[SimpleNamespace(position=len(prompt) + 40, text="3", confidence=1.0)])]  # not grid 0
     trace = SimpleNamespace(prompt_token_ids=prompt, steps=steps, text=SHAPE.render(chosen) + ";1234")
     counts = script.replay(problem, trace, 0.9)
     assert counts["commits"] == 3
     assert counts["parallel commits under the threshold"] == (share < 0.9)  # the fixed cell's share is 1
-    assert counts["impossible commits"] == 1
+    assert counts["impossible commits"] == counts["impossible commits, unsure, alone"] == 1
+    steps[1].commits = [commit(split, other, 0.9), commit(fixed, chosen[fixed])]  # confident, beside another
+    counts = script.replay(problem, trace, 0.9)
+    assert counts["impossible commits"] == counts["impossible commits, confident, parallel"] == 1
+    assert counts["impossible commits, unsure, alone"] == 0
     assert counts["valid first grids"] == 1 and counts["invalid first grids"] == 0
     trace.text = "1111/2222/3333/4444;"
     assert script.replay(problem, trace, 0.9)["invalid first grids"] == 1

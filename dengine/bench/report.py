@@ -29,8 +29,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo) and the widest vector ISA torch uses on it (AVX2, AVX512...): two
+    machines with one name can differ there, and bf16 speed with them."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def machine() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
     return f"{device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
 
 
