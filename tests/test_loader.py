@@ -71,6 +71,11 @@ def test_auto_dtype_is_bf16_where_computed_else_fp32_when_it_leaves_room(monkeyp
         assert loader.auto_dtype(params, torch.device("cpu")) == expected, (hardware, params)
     monkeypatch.setattr(loader, "cpu_computes_bf16", lambda: False)
     assert loader.auto_dtype(5_000_000, torch.device("cuda")) == torch.bfloat16
+    for family in ("llada", "dream"):  # the full-size configs (8.0B and 7.6B weights) stay bf16 on 24 GB
+        model_class, config = read_model_config(REAL[family])
+        with torch.device("meta"):
+            params = sum(p.numel() for p in model_class(config).parameters())
+        assert params > 7e9 and loader.auto_dtype(params, torch.device("cpu")) == torch.bfloat16
 
 
 def _edit_json(path, **changes):
