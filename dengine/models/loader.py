@@ -37,8 +37,8 @@ _DTYPES = {
 
 def cpu_computes_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (oneDNN's bf16 kernels: AVX512 BW/VL/DQ, AVX512-BF16, AMX or
-    AVX-NE-CONVERT). Without them (an AVX2-only CPU) torch emulates bf16 matmuls: a model step is about 6x
-    slower than in fp32 (llada-chain, 2 threads, AMD EPYC with AVX2: 14.2 s against 2.4 s for four answers)."""
+    AVX-NE-CONVERT). Without them (an AVX2-only CPU) torch emulates bf16 matmuls: llada-chain decodes 5-9x
+    slower than in fp32 (docs/benchmarks.md 4d)."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -67,7 +67,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
             raise ValueError(f"dtype {dtype} is not supported; use bfloat16, float16, float32 or float64")
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        raise ValueError(f"dtype {dtype!r} is not supported; use 'auto' or one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
 
 
