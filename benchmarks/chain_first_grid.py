@@ -14,6 +14,10 @@ problems with the engine (traced) and replays each trace's first-grid commits in
   * commits with true probability 0 (no completion of the puzzle agrees with what was already committed),
     split by the model's confidence (at or above the threshold: confidently wrong; under it: a step that
     reached no threshold commits its best guess alone) and by whether the step committed several tokens,
+  * steps whose commits are each consistent with what was committed before but not with each other (two
+    confident cells from different completions: a same-step conflict), and the impossible commits made
+    once the grid was already wrong (after a conflict or an impossible commit no completion agrees with
+    anything committed, so those count consequences, not causes),
   * first grids that are not a completion of the puzzle.
 """
 
@@ -45,6 +49,8 @@ def replay(problem, trace, threshold: float) -> Counter:
         chosen = [(cells[c.position - start], int(c.text) if c.text and c.text.isdigit() else None, c.confidence)
                   for c in step.commits if c.position - start in cells]
         parallel = len(step.commits) > 1
+        already = not consistent  # an earlier commit already left no completion
+        possible = all(any(g[cell] == value for g in consistent) for cell, value, _ in chosen)
         for cell, value, confidence in chosen:
             share = sum(g[cell] == value for g in consistent) / len(consistent) if consistent else 0.0
             counts["commits"] += 1
@@ -54,8 +60,12 @@ def replay(problem, trace, threshold: float) -> Counter:
                 counts["impossible commits"] += 1
                 sure = "confident" if confidence >= threshold else "unsure"
                 counts[f"impossible commits, {sure}, {'parallel' if parallel else 'alone'}"] += 1
+                if already:
+                    counts["impossible commits, grid already wrong"] += 1
         for cell, value, _ in chosen:  # the step's commits condition the next step, not each other
             consistent = [g for g in consistent if g[cell] == value]
+        if chosen and possible and not already and not consistent:
+            counts["same-step conflicts"] += 1
     first = (trace.text or "").strip().split(GRID_SEPARATOR)[0]
     counts["valid first grids" if problem.puzzle.check(first) else "invalid first grids"] += 1
     return counts

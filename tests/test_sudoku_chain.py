@@ -142,3 +142,13 @@ def test_first_grid_replay_counts_by_hand():
     assert counts["valid first grids"] == 1 and counts["invalid first grids"] == 0
     trace.text = "1111/2222/3333/4444;"
     assert script.replay(problem, trace, 0.9)["invalid first grids"] == 1
+    assert counts["same-step conflicts"] == 0 and counts["impossible commits, grid already wrong"] == 0
+    # two commits each agreeing with a completion, but with no completion together: a same-step conflict,
+    # and a commit after it is impossible only because the grid is already wrong
+    a, b, cell = next((a, b, c) for a in grids for b in grids for c in range(16)
+                      if c != split and not any(g[split] == a[split] and g[c] == b[c] for g in grids))
+    steps[:2] = [SimpleNamespace(commits=[commit(split, a[split]), commit(cell, b[cell])]),
+                 SimpleNamespace(commits=[commit(fixed, chosen[fixed])])]
+    counts = script.replay(problem, trace, 0.9)
+    assert counts["same-step conflicts"] == 1
+    assert counts["impossible commits"] == counts["impossible commits, grid already wrong"] == 1

@@ -15,6 +15,7 @@ from dengine.models import MODEL_FAMILIES
 from dengine.tasks import ReversalProblem, check_answer, get_task
 from dengine.tasks.digit_reversal import NUM_DIGITS
 from dengine.training import train
+from dengine.training.dense import TrainingKV, dense_batch
 from dengine.training.tokenizer import specials_for, write_tokenizer
 from dengine.training.train import ProblemStream, diffusion_loss, encode_batch, init_weights, model_config
 
@@ -224,3 +225,106 @@ def test_first_block_share_moves_block_rows_to_the_first_block():
     rows_a = model.rows
     b = diffusion_loss(model, canvas, 10, 99, torch.Generator().manual_seed(5), 16, 0.5, 0.0)
     assert torch.equal(rows_a, model.rows) and torch.equal(a, b)
+
+
+def test_grown_kv_heads_compute_the_same_function_and_train_apart(tmp_path):
+    """--init-from a checkpoint with fewer KV heads: each copied to the heads its query heads now use."""
+    argv = ["--family", "dream", "--warmup", "1", "--batch-size", "2", "--hidden", "32", "--layers", "2",
+            "--heads", "4", "--intermediate", "48", "--gen-length", "128", "--lr", "3e-3", "--precision", "fp32"]
+    train.main(argv + ["--steps", "2", "--kv-heads", "1", "--out", str(tmp_path / "gqa")])
+    source = load_model(tmp_path / "gqa", dtype="float32")
+    ids = {name: getattr(source.config, f"{name}_id") for name in ("mask_token", "eos_token", "bos_token")}
+    for heads in (2, 4):
+        config = model_config("dream", ids, argparse.Namespace(hidden=32, layers=2, heads=4, kv_heads=heads,
+                                                                intermediate=48, vocab=128))
+        grown = MODEL_FAMILIES["dream"](config)
+        grown.load_state_dict(train.grown_kv_heads(source, config))
+        canvas = torch.randint(5, 128, (3, 40), generator=torch.Generator().manual_seed(heads))
+        canvas[:, 20:][torch.rand(3, 20, generator=torch.Generator().manual_seed(7)) < 0.5] = ids["mask_token"]
+        rows = torch.arange(canvas.numel())
+        with torch.no_grad():
+            expected = source(dense_batch(canvas, rows), TrainingKV(2))
+            got = grown(dense_batch(canvas, rows), TrainingKV(2))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # through the command line: one more step from the grown copy moves the copies apart
+    train.main(argv + ["--steps", "1", "--kv-heads", "4", "--init-from", str(tmp_path / "gqa"),
+                       "--out", str(tmp_path / "mha")])
+    k = load_model(tmp_path / "mha", dtype="float32").layers[0].attn.qkv_proj.weight[32:64].view(4, 8, 32)
+    assert not torch.equal(k[0], k[1])
+    with pytest.raises(ValueError, match="only the number of key/value heads"):
+        train.main(argv + ["--steps", "1", "--kv-heads", "1", "--init-from", str(tmp_path / "mha"),
+                           "--out", str(tmp_path / "shrunk")])
+
+
+def test_precision_auto_follows_the_cpus_bf16_hardware(monkeypatch):
+    monkeypatch.setattr(train, "cpu_computes_bf16", lambda: True)
+    with train.autocast_for("auto"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(train, "cpu_computes_bf16", lambda: False)
+    with train.autocast_for("auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    with train.autocast_for("bf16-autocast"):
+        assert torch.is_autocast_enabled("cpu")
+
+
+class _ConfidentModel(torch.nn.Module):
+    """Stands in for a model: output row r puts probability confidence[r % T] on token 1 (the rest uniform
+    over 4 tokens), whatever the canvas; records the canvases it is run on."""
+
+    def __init__(self, confidence: torch.Tensor, shift: int = 0) -> None:
+        super().__init__()
+        self.config = argparse.Namespace(logit_shift=shift, num_layers=1)
+        self.confidence, self.seen = confidence, []
+        self.bias = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, context, kv):
+        t = len(self.confidence)
+        self.seen.append(context.batch.input_ids.view(-1, t).clone())
+        c = self.confidence[context.batch.logits_indices % t]
+        probs = torch.stack([(1 - c) / 3, c, (1 - c) / 3, (1 - c) / 3], dim=-1)
+        return probs.log() + self.bias
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_decoding_masks_unmask_what_threshold_decoding_commits(shift):
+    prompt_len, gen_length, mask = 2, 8, 9
+    # answer positions 2..5 form the span; 6, 7 come after it; confidences read at output position - shift
+    answer_confidence = torch.tensor([0.1, 0.2, 0.95, 0.5, 0.3, 0.92, 0.99, 0.99])
+    confidence = torch.zeros(prompt_len + gen_length)
+    confidence[prompt_len - shift: prompt_len - shift + gen_length] = answer_confidence
+    model = _ConfidentModel(confidence, shift)
+    canvas = torch.arange(10, 20)[None].repeat(2, 1)
+    in_span = torch.zeros(2, gen_length, dtype=torch.bool)
+    in_span[:, 2:6] = True
+    left = train.decoding_masks(model, canvas, prompt_len, mask, in_span, torch.tensor([1, 3]), 0.9)
+    # round 1, span fully masked: 0.95 (answer position 2) and 0.92 (5) reach 0.9; 0.99 at 6 and 7 is after
+    # the span, never unmasked. Round 2 (second row only): nothing reaches 0.9, the most confident (0.5 at 3)
+    # is unmasked. Round 3: one position left, which is never unmasked.
+    assert left[0].nonzero().flatten().tolist() == [3, 4]
+    assert left[1].nonzero().flatten().tolist() == [4]
+    assert len(model.seen) == 2
+    first, second = model.seen
+    assert (first[:, prompt_len + 2:] == mask).all() and (first[:, : prompt_len + 2] == canvas[:, :4]).all()
+    # the second round's canvas shows the unmasked positions with the training answer's tokens
+    shown = [i - prompt_len for i in range(prompt_len, prompt_len + gen_length) if second[1, i] != mask]
+    assert shown == [0, 1, 2, 5] and torch.equal(second[1, prompt_len + 5], canvas[1, prompt_len + 5])
+
+
+def test_decoding_masks_never_reveal_the_spans_last_position():
+    model = _ConfidentModel(torch.full((6,), 0.99))
+    in_span = torch.ones(1, 4, dtype=torch.bool)
+    left = train.decoding_masks(model, torch.arange(6)[None], 2, 9, in_span, torch.tensor([3]), 0.9)
+    assert left.sum() == 1
+
+
+def test_decoding_share_scores_the_decoded_rows_and_zero_keeps_the_loss():
+    canvas = torch.randint(0, 90, (16, 60), generator=torch.Generator().manual_seed(2))
+    model = _RecordingModel(128)
+    a = diffusion_loss(model, canvas, 10, 99, torch.Generator().manual_seed(5), 16, 0.5, 0.5)
+    rows_a = model.rows
+    b = diffusion_loss(model, canvas, 10, 99, torch.Generator().manual_seed(5), 16, 0.5, 0.5, 0.0)
+    assert torch.equal(rows_a, model.rows) and torch.equal(a, b)
+    # every block row decoded: the recording model is uniform (confidence 1/128), so each round reveals only
+    # its most confident position (the first masked one) and the loss stays finite and positive
+    c = diffusion_loss(model, canvas, 10, 99, torch.Generator().manual_seed(5), 16, 1.0, 0.0, 1.0)
+    assert torch.isfinite(c) and c > 0

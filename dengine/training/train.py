@@ -9,13 +9,16 @@ the task, so the benchmarks find the task from the model.
 The objective is LLaDA's SFT: the response (answer, end-of-turn, EOS padding to gen_length) is masked at a
 ratio t ~ U(0, 1); the loss is the cross-entropy on masked positions weighted by 1/t, normalised by the
 response length (stratified ratios and exact mask counts keep its variance low; see diffusion_loss).
-The Dream-format model predicts token i from position i - 1 (Dream's shift). Seeded,
-reproducible, bf16 autocast on CPU.
+The Dream-format model predicts token i from position i - 1 (Dream's shift). Seeded and
+reproducible; the forward runs under bf16 autocast on a CPU that computes bf16 (every shipped model was
+trained so), in fp32 on one that would emulate it (`--precision`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ from tqdm.auto import tqdm
 from dengine.config import ModelConfig
 from dengine.cli_args import DefaultsHelpFormatter
 from dengine.models import MODEL_FAMILIES
-from dengine.models.loader import load_model
+from dengine.models.loader import cpu_computes_bf16, load_model
 from dengine.tasks import TASKS, Problem, Task, get_task, write_task_file
 from dengine.tokenizer import load_tokenizer
 from dengine.training.dense import TrainingKV, dense_batch
@@ -73,6 +76,27 @@ def init_weights(model: torch.nn.Module, num_layers: int, generator: torch.Gener
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
+def grown_kv_heads(source: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """source's weights for a model of config, which may have more key/value heads (a multiple of source's):
+    each source KV head's K and V rows are copied to every KV head that now serves one of its query heads
+    (heads are grouped consecutively, as HF's repeat_kv), so the grown model computes the same function and
+    training can then tell the copies apart."""
+    old = source.config
+    if dataclasses.replace(old, num_kv_heads=config.num_kv_heads) != config or config.num_kv_heads % old.num_kv_heads:
+        raise ValueError("the checkpoint to start from has another architecture than the one asked for "
+                         "(only the number of key/value heads may grow, by a whole factor)")
+    factor = config.num_kv_heads // old.num_kv_heads
+    state = dict(source.state_dict())
+    if factor == 1:
+        return state
+    q_size, kv_size = old.num_heads * old.head_dim, old.kv_dim
+    for name in [n for n in state if n.endswith(("qkv_proj.weight", "qkv_proj.bias"))]:
+        q, k, v = state[name].split([q_size, kv_size, kv_size])
+        k, v = (t.unflatten(0, (old.num_kv_heads, -1)).repeat_interleave(factor, 0).flatten(0, 1) for t in (k, v))
+        state[name] = torch.cat([q, k, v])
+    return state
+
+
 class ProblemStream:
     """Endless seeded training problems of a task, never one of its held-out problems."""
 
@@ -101,7 +125,8 @@ def encode_batch(problems: list[Problem], tokenizer, eot: int, eos: int, gen_len
 
 
 def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, generator: torch.Generator,
-                   block_length: int | None = None, block_rows: float = 0.0, first_block_share: float = 0.0):
+                   block_length: int | None = None, block_rows: float = 0.0, first_block_share: float = 0.0,
+                   decoding_share: float = 0.0, decoding_threshold: float = 0.9):
     """LLaDA's SFT loss on one batch; Dream-format models read token i at output i - 1.
 
     Each response is masked at a ratio t ~ U(0, 1) and the cross-entropy on its masked positions is
@@ -118,6 +143,15 @@ def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, g
     the first block instead of a uniform one: the first block is where the answer's genuine choices are
     made from the prompt alone (a chain's first grid), and where parallel decoding's commits are least
     determined by what is already on the canvas.
+
+    decoding_share of the block-masked rows (in expectation; drawn only when > 0) see their block as
+    threshold decoding leaves it instead of at a random ratio: from the block fully masked, 1 to 3 rounds
+    (uniform) each run the model without gradient and unmask, with the training answer's tokens, the block's
+    masked positions whose confidence reaches decoding_threshold (at least the most confident one, never
+    the last one). Random masks mostly hide tokens that the visible ones determine; decoding leaves masked
+    exactly the tokens the model is unsure of, where a confident guess commits one of several completions
+    (the states where parallel decoding commits inconsistent cells). Scored and weighted as above, t being
+    the share of the block left masked.
     """
     b, t = canvas.shape
     gen_length = t - prompt_len
@@ -139,6 +173,14 @@ def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, g
     # rank only the span's positions: positions outside it sort after every position inside it
     rank = torch.where(in_span, order, order + gen_length).argsort(dim=1).argsort(dim=1)
     scored[:, prompt_len:] = in_span & (rank < counts[:, None])
+    if n_block and decoding_share:
+        decoded = (torch.rand(n_block, generator=generator) < decoding_share).nonzero().flatten()
+        if len(decoded):
+            rounds = torch.randint(1, 4, (len(decoded),), generator=generator)
+            left = decoding_masks(model, canvas[decoded], prompt_len, mask_id, in_span[decoded], rounds,
+                                  decoding_threshold)
+            scored[decoded, prompt_len:] = left
+            counts[decoded] = left.sum(dim=1)
     masked = scored.clone()
     masked[:, prompt_len:] |= position >= (first + span)[:, None]
     noisy = canvas.masked_fill(masked, mask_id)
@@ -148,6 +190,49 @@ def diffusion_loss(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, g
     logits = model(dense_batch(noisy, rows - model.config.logit_shift), TrainingKV(model.config.num_layers))
     token_loss = F.cross_entropy(logits.float(), canvas.reshape(-1)[rows], reduction="none") / (ratio * norm)
     return token_loss.sum() / b
+
+
+def autocast_for(precision: str):
+    """The forward's context: bf16 autocast, or plain fp32; "auto" picks bf16 where the CPU computes it (an
+    AVX2-only CPU emulates bf16 matmuls, several times slower than fp32: docs/benchmarks.md 4d)."""
+    if precision == "auto":
+        precision = "bf16-autocast" if cpu_computes_bf16() else "fp32"
+    if precision == "bf16-autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+@torch.no_grad()
+def decoding_masks(model, canvas: torch.Tensor, prompt_len: int, mask_id: int, in_span: torch.Tensor,
+                   rounds: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The answer positions [B, gen_length] of each row's span still masked after rounds[b] rounds of threshold
+    decoding from the span fully masked (later positions masked throughout, earlier ones clean); each round
+    unmasks with canvas's own tokens the masked span positions whose confidence reaches threshold, at least
+    the most confident one and never the span's last one (see diffusion_loss)."""
+    b, gen_length = in_span.shape
+    position = torch.arange(gen_length)
+    after = position >= (position * in_span).amax(dim=1, keepdim=True) + 1
+    left = in_span.clone()
+    positions = (torch.arange(b)[:, None] * canvas.shape[1] + prompt_len + position).flatten()
+    for step in range(int(rounds.max())):
+        active = (rounds > step) & (left.sum(dim=1) > 1)
+        if not active.any():
+            break
+        noisy = canvas.clone()
+        noisy[:, prompt_len:] = noisy[:, prompt_len:].masked_fill(left | after, mask_id)
+        logits = model(dense_batch(noisy, positions - model.config.logit_shift),
+                       TrainingKV(model.config.num_layers))
+        confidence = logits.float().softmax(dim=-1).amax(dim=-1).view(b, gen_length).masked_fill(~left, -1.0)
+        reveal = confidence >= threshold
+        reveal.scatter_(1, confidence.argmax(dim=1, keepdim=True), True)
+        # never the last masked position: keep the least confident of them masked
+        everything = (reveal & left).sum(dim=1) == left.sum(dim=1)
+        keep = confidence.masked_fill(~left, 2.0).argmin(dim=1)
+        reveal[everything, keep[everything]] = False
+        left &= ~(reveal & active[:, None])
+    return left
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,12 +263,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-block-share", type=float, default=0.0,
                         help="share of the block-masked rows that take the answer's first block instead of a "
                              "uniformly chosen one")
+    parser.add_argument("--decoding-masking", type=float, default=0.0,
+                        help="share of the block-masked rows whose block is masked as threshold decoding leaves it "
+                             "(1-3 rounds of the model's own confident positions unmasked; see diffusion_loss)")
+    parser.add_argument("--precision", choices=["auto", "bf16-autocast", "fp32"], default="auto",
+                        help="the forward's precision: auto is bf16 autocast on a CPU with bf16 hardware (how the "
+                             "shipped models were trained), fp32 on one without")
     parser.add_argument("--init-from", type=Path, default=None,
-                        help="start from this checkpoint's weights (same family and sizes) instead of a fresh init")
+                        help="start from this checkpoint's weights (same family and sizes, except that --kv-heads "
+                             "may be a multiple of its key/value heads: each is copied) instead of a fresh init")
     args = parser.parse_args(argv)
     stop_at = args.steps if args.stop_at is None else args.stop_at
     if not 0 <= args.block_masking <= 1:
         parser.error(f"--block-masking must be in [0, 1], got {args.block_masking}")
+    if not 0 <= args.decoding_masking <= 1:
+        parser.error(f"--decoding-masking must be in [0, 1], got {args.decoding_masking}")
     if not 0 <= args.first_block_share <= 1:
         parser.error(f"--first-block-share must be in [0, 1], got {args.first_block_share}")
     if not 0 < stop_at <= args.steps:
@@ -202,10 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     model = MODEL_FAMILIES[args.family](config)
     init_weights(model, config.num_layers, generator)
     if args.init_from is not None:
-        start_from = load_model(args.init_from, dtype="float32")
-        if start_from.config != config:
-            raise ValueError(f"{args.init_from} has another architecture than the one asked for")
-        model.load_state_dict(start_from.state_dict())
+        model.load_state_dict(grown_kv_heads(load_model(args.init_from, dtype="float32"), config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     stream = ProblemStream(task, args.seed, held_out=500)
 
@@ -222,9 +313,10 @@ def main(argv: list[str] | None = None) -> None:
                                           ids["eos_token"], gen_length)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast_for(args.precision):
             loss = diffusion_loss(model, canvas, prompt_len, ids["mask_token"], generator,
-                                  task.block_length, args.block_masking, args.first_block_share)
+                                  task.block_length, args.block_masking, args.first_block_share,
+                                  args.decoding_masking)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
