@@ -15,7 +15,6 @@ from dengine.models import MODEL_FAMILIES
 from dengine.tasks import ReversalProblem, check_answer, get_task
 from dengine.tasks.digit_reversal import NUM_DIGITS
 from dengine.training import train
-from dengine.training.dense import TrainingKV, dense_batch
 from dengine.training.tokenizer import specials_for, write_tokenizer
 from dengine.training.train import ProblemStream, diffusion_loss, encode_batch, init_weights, model_config
 
@@ -225,35 +224,6 @@ def test_first_block_share_moves_block_rows_to_the_first_block():
     rows_a = model.rows
     b = diffusion_loss(model, canvas, 10, 99, torch.Generator().manual_seed(5), 16, 0.5, 0.0)
     assert torch.equal(rows_a, model.rows) and torch.equal(a, b)
-
-
-def test_grown_kv_heads_compute_the_same_function_and_train_apart(tmp_path):
-    """--init-from a checkpoint with fewer KV heads: each copied to the heads its query heads now use."""
-    argv = ["--family", "dream", "--warmup", "1", "--batch-size", "2", "--hidden", "32", "--layers", "2",
-            "--heads", "4", "--intermediate", "48", "--gen-length", "128", "--lr", "3e-3", "--precision", "fp32"]
-    train.main(argv + ["--steps", "2", "--kv-heads", "1", "--out", str(tmp_path / "gqa")])
-    source = load_model(tmp_path / "gqa", dtype="float32")
-    ids = {name: getattr(source.config, f"{name}_id") for name in ("mask_token", "eos_token", "bos_token")}
-    for heads in (2, 4):
-        config = model_config("dream", ids, argparse.Namespace(hidden=32, layers=2, heads=4, kv_heads=heads,
-                                                                intermediate=48, vocab=128))
-        grown = MODEL_FAMILIES["dream"](config)
-        grown.load_state_dict(train.grown_kv_heads(source, config))
-        canvas = torch.randint(5, 128, (3, 40), generator=torch.Generator().manual_seed(heads))
-        canvas[:, 20:][torch.rand(3, 20, generator=torch.Generator().manual_seed(7)) < 0.5] = ids["mask_token"]
-        rows = torch.arange(canvas.numel())
-        with torch.no_grad():
-            expected = source(dense_batch(canvas, rows), TrainingKV(2))
-            got = grown(dense_batch(canvas, rows), TrainingKV(2))
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # through the command line: one more step from the grown copy moves the copies apart
-    train.main(argv + ["--steps", "1", "--kv-heads", "4", "--init-from", str(tmp_path / "gqa"),
-                       "--out", str(tmp_path / "mha")])
-    k = load_model(tmp_path / "mha", dtype="float32").layers[0].attn.qkv_proj.weight[32:64].view(4, 8, 32)
-    assert not torch.equal(k[0], k[1])
-    with pytest.raises(ValueError, match="only the number of key/value heads"):
-        train.main(argv + ["--steps", "1", "--kv-heads", "1", "--init-from", str(tmp_path / "mha"),
-                           "--out", str(tmp_path / "shrunk")])
 
 
 def test_precision_auto_follows_the_cpus_bf16_hardware(monkeypatch):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -74,27 +73,6 @@ def init_weights(model: torch.nn.Module, num_layers: int, generator: torch.Gener
             else:
                 std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
-
-
-def grown_kv_heads(source: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """source's weights for a model of config, which may have more key/value heads (a multiple of source's):
-    each source KV head's K and V rows are copied to every KV head that now serves one of its query heads
-    (heads are grouped consecutively, as HF's repeat_kv), so the grown model computes the same function and
-    training can then tell the copies apart."""
-    old = source.config
-    if dataclasses.replace(old, num_kv_heads=config.num_kv_heads) != config or config.num_kv_heads % old.num_kv_heads:
-        raise ValueError("the checkpoint to start from has another architecture than the one asked for "
-                         "(only the number of key/value heads may grow, by a whole factor)")
-    factor = config.num_kv_heads // old.num_kv_heads
-    state = dict(source.state_dict())
-    if factor == 1:
-        return state
-    q_size, kv_size = old.num_heads * old.head_dim, old.kv_dim
-    for name in [n for n in state if n.endswith(("qkv_proj.weight", "qkv_proj.bias"))]:
-        q, k, v = state[name].split([q_size, kv_size, kv_size])
-        k, v = (t.unflatten(0, (old.num_kv_heads, -1)).repeat_interleave(factor, 0).flatten(0, 1) for t in (k, v))
-        state[name] = torch.cat([q, k, v])
-    return state
 
 
 class ProblemStream:
@@ -270,8 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the forward's precision: auto is bf16 autocast on a CPU with bf16 hardware (how the "
                              "shipped models were trained), fp32 on one without")
     parser.add_argument("--init-from", type=Path, default=None,
-                        help="start from this checkpoint's weights (same family and sizes, except that --kv-heads "
-                             "may be a multiple of its key/value heads: each is copied) instead of a fresh init")
+                        help="start from this checkpoint's weights (same family and sizes) instead of a fresh init")
     args = parser.parse_args(argv)
     stop_at = args.steps if args.stop_at is None else args.stop_at
     if not 0 <= args.block_masking <= 1:
@@ -296,7 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     model = MODEL_FAMILIES[args.family](config)
     init_weights(model, config.num_layers, generator)
     if args.init_from is not None:
-        model.load_state_dict(grown_kv_heads(load_model(args.init_from, dtype="float32"), config))
+        start_from = load_model(args.init_from, dtype="float32")
+        if start_from.config != config:
+            raise ValueError(f"{args.init_from} has another architecture than the one asked for")
+        model.load_state_dict(start_from.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     stream = ProblemStream(task, args.seed, held_out=500)
 
