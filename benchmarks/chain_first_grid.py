@@ -50,9 +50,9 @@ def replay(problem, trace, threshold: float) -> Counter:
                   for c in step.commits if c.position - start in cells]
         parallel = len(step.commits) > 1
         already = not consistent  # an earlier commit already left no completion
-        possible = all(any(g[cell] == value for g in consistent) for cell, value, _ in chosen)
-        for cell, value, confidence in chosen:
-            share = sum(g[cell] == value for g in consistent) / len(consistent) if consistent else 0.0
+        shares = [sum(g[cell] == value for g in consistent) / len(consistent) if consistent else 0.0
+                  for cell, value, _ in chosen]
+        for (cell, value, confidence), share in zip(chosen, shares):
             counts["commits"] += 1
             if parallel and share < threshold:
                 counts["parallel commits under the threshold"] += 1
@@ -64,7 +64,7 @@ def replay(problem, trace, threshold: float) -> Counter:
                     counts["impossible commits, grid already wrong"] += 1
         for cell, value, _ in chosen:  # the step's commits condition the next step, not each other
             consistent = [g for g in consistent if g[cell] == value]
-        if chosen and possible and not already and not consistent:
+        if chosen and all(shares) and not already and not consistent:
             counts["same-step conflicts"] += 1
     first = (trace.text or "").strip().split(GRID_SEPARATOR)[0]
     counts["valid first grids" if problem.puzzle.check(first) else "invalid first grids"] += 1
