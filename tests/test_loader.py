@@ -78,6 +78,22 @@ def test_auto_dtype_is_bf16_where_computed_else_fp32_when_it_leaves_room(monkeyp
         assert params > 7e9 and loader.auto_dtype(params, torch.device("cpu")) == torch.bfloat16
 
 
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_warns_and_loads_bf16(tmp_path, monkeypatch, caplog):
+    """An explicit bf16 on a CPU without bf16 hardware loads bf16 (as asked) and says it will be slow;
+    fp32, "auto" and a CPU with the hardware stay silent."""
+    folder, _ = write_checkpoint(tmp_path, "llada", seed=0)
+    for hardware, dtype, warns in ((False, "bfloat16", True), (False, "float32", False), (False, "auto", False),
+                                   (True, "bfloat16", False)):
+        monkeypatch.setattr(loader, "cpu_computes_bf16", lambda hardware=hardware: hardware)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=loader.logger.name):
+            model = load_model(folder, dtype=dtype)
+        said = [r.getMessage() for r in caplog.records if "no bf16 hardware" in r.getMessage()]
+        assert bool(said) == warns, (hardware, dtype, said)
+        if warns:
+            assert next(model.parameters()).dtype == torch.bfloat16 and "'auto' picks fp32" in said[0]
+
+
 def _edit_json(path, **changes):
     data = json.loads(path.read_text())
     data.update(changes)

@@ -171,6 +171,9 @@ def load_model(
     path = Path(path)
     device = torch.device(device)
     torch_dtype = None if dtype == "auto" else resolve_dtype(dtype)
+    if torch_dtype == torch.bfloat16 and device.type == "cpu" and not cpu_computes_bf16():
+        logger.warning("%s: loading bf16 as asked, but this CPU has no bf16 hardware: its bf16 matmuls are emulated, "
+                       "several times slower than fp32 (dtype 'auto' picks fp32 here)", path)
     family, config = read_model_config(path)
     files = tensor_files(path)
     with torch.device("meta"):
