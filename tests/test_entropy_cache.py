@@ -256,7 +256,7 @@ def test_suffix_tau_recomputes_the_suffix_once_its_stale_mass_reaches_it_by_hand
             return torch.tensor([6, 7])
 
     policy = make_policy("entropy", {"tau": 1e9, "k": 0, "recent_steps": 0, "suffix": True, "suffix_tau": 0.4})
-    always = make_policy("entropy", {"tau": 1e9, "k": 0, "recent_steps": 0, "suffix": True})
+    always = make_policy("entropy", {"tau": 1e9, "k": 0, "recent_steps": 0, "suffix": True, "suffix_tau": 0.0})
     with_suffix, without = [6, 7, 8, 9, 10, 11], [6, 7]
     planned = []
     for step, (positions, full) in enumerate([([1, 2], True), ([3], False), ([4], False), ([5], False), ([0], False)]):
@@ -269,19 +269,24 @@ def test_suffix_tau_recomputes_the_suffix_once_its_stale_mass_reaches_it_by_hand
         "0.34 < 0.4 after the full step; 0.50 >= 0.4: due; the step that computed it resets the mass to its own"
 
 
-def test_defaults_follow_the_sampler():
-    from dengine.scheduler.policies.entropy import ONE_TOKEN_DEFAULTS, PARALLEL_DEFAULTS, EntropyOptions
+def test_defaults_follow_the_sampler_and_the_answers_blocks():
+    from dengine.scheduler.policies.entropy import (LONG_PARALLEL_DEFAULTS, ONE_TOKEN_DEFAULTS, PARALLEL_DEFAULTS,
+                                                    EntropyOptions)
 
     class Seq:
-        def __init__(self, parallel):
-            self.params = SamplingParams(gen_length=8, threshold=0.9 if parallel else None)
+        def __init__(self, parallel, block_length):
+            self.params = SamplingParams(gen_length=8, block_length=block_length,
+                                         threshold=0.9 if parallel else None)
 
-    for parallel, defaults in ((False, ONE_TOKEN_DEFAULTS), (True, PARALLEL_DEFAULTS)):
+    for parallel, block_length, defaults in ((False, 8, ONE_TOKEN_DEFAULTS), (False, 4, ONE_TOKEN_DEFAULTS),
+                                             (True, 8, PARALLEL_DEFAULTS), (True, 4, LONG_PARALLEL_DEFAULTS)):
         policy = make_policy("entropy")
-        _commit(policy, [3], torch.full((1, 4), 0.25), seq=Seq(parallel))
+        _commit(policy, [3], torch.full((1, 4), 0.25), seq=Seq(parallel, block_length))
         assert msgspec.structs.asdict(policy.effective) == {**msgspec.structs.asdict(EntropyOptions()), **defaults}
+    assert LONG_PARALLEL_DEFAULTS["suffix"] and not PARALLEL_DEFAULTS["suffix"], \
+        "the suffix settings are for answers of several blocks"
     chosen = make_policy("entropy", {"signal": "max", "tau": 0.5})
-    _commit(chosen, [3], torch.full((1, 4), 0.25), seq=Seq(True))
+    _commit(chosen, [3], torch.full((1, 4), 0.25), seq=Seq(True, 4))
     assert (chosen.effective.signal, chosen.effective.tau) == ("max", 0.5), "a set option is never overridden"
     assert ONE_TOKEN_DEFAULTS["signal"] == "max" and not ONE_TOKEN_DEFAULTS["accumulate"] \
         and ONE_TOKEN_DEFAULTS["recent_steps"] == 0 and not ONE_TOKEN_DEFAULTS["suffix"], \
@@ -329,3 +334,29 @@ def test_parallel_options_decide_per_sequence_and_batch_invariantly_in_fp32(fold
     assert [o.metrics.full_recomputes for o in together] == [o.metrics.full_recomputes for o in solo]
     assert [o.metrics.query_tokens for o in together] == [o.metrics.query_tokens for o in solo]
     assert together[0].metrics.full_recompute_rate == 1.0
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_unset_options_take_each_requests_answer_shape_defaults_in_one_batch(folders, family, seed):
+    """Threshold decoding, no options: a one-block request decodes as PARALLEL_DEFAULTS spelled out, a request
+    of several blocks in the same batch as LONG_PARALLEL_DEFAULTS spelled out (tokens, full steps, rows)."""
+    from dengine.scheduler.policies.entropy import LONG_PARALLEL_DEFAULTS, PARALLEL_DEFAULTS
+
+    rng = random.Random(seed)
+    extra = {"remasking": "maskgit_plus"} if family == "dream" else {}
+    one_block = SamplingParams(gen_length=24, block_length=24, steps=12, threshold=0.3, **extra)
+    blocks = SamplingParams(gen_length=24, block_length=8, steps=12, threshold=0.3, **extra)
+    prompts = [{"prompt_token_ids": [rng.randrange(300) for _ in range(rng.randint(3, 9))]} for _ in range(2)]
+    llm = LLM(folders[family], dtype="float32", cache_policy="entropy", kv_cache_memory=1 << 24, block_size=8)
+    unset = llm.generate(prompts, [one_block, blocks], use_tqdm=False)
+    spelled = llm.generate(prompts, [one_block.replace(cache_config=dict(PARALLEL_DEFAULTS)),
+                                     blocks.replace(cache_config=dict(LONG_PARALLEL_DEFAULTS))], use_tqdm=False)
+    swapped = llm.generate(prompts, [one_block.replace(cache_config=dict(LONG_PARALLEL_DEFAULTS)),
+                                     blocks.replace(cache_config=dict(PARALLEL_DEFAULTS))], use_tqdm=False)
+    for got, want in zip(unset, spelled):
+        assert got.token_ids == want.token_ids
+        assert (got.metrics.full_recomputes, got.metrics.query_tokens) == \
+            (want.metrics.full_recomputes, want.metrics.query_tokens)
+    assert unset[1].metrics.full_recomputes == 1, "several blocks: no full refresh after step 0"
+    assert [o.metrics.query_tokens for o in swapped] != [o.metrics.query_tokens for o in unset], \
+        "the two shapes' defaults must differ in what they compute here"

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from dengine import LLM, SamplingParams
+from dengine.scheduler.policies.entropy import EntropyOptions
 from dengine.trace import NUM_ALTERNATIVES, Trace
 
 POLICIES = [("none", None), ("entropy", {"tau": 0.05, "k": 2}), ("entropy", {"refresh_on_block_start": True}),
@@ -80,7 +81,8 @@ def test_trace_is_true_to_the_run(folders, family, policy, config, seed):
         assert trace.steps[0].full and trace.steps[-1].block == trace.params.num_blocks - 1 or m.stopped_early
         if policy == "entropy":
             signals = [s.decision for s in trace.steps[:-1] if s.decision.signal is not None]
-            assert all(d.threshold == (config.get("tau", 0.01)) for d in signals)
+            tau = EntropyOptions(**config).resolved(trace.params.parallel, trace.params.num_blocks).tau
+            assert all(d.threshold == tau for d in signals)
             assert all(d.full for d in signals if d.signal > d.threshold)
         assert msgspec.json.decode(msgspec.json.encode(trace), type=Trace) == trace
 

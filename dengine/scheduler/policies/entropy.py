@@ -15,9 +15,10 @@ commits never keep the K/V they had as masks. `suffix` makes partial steps also 
 the current block (the answer's still-masked remainder, Fast-dLLM's prefix-cache window): on the long task the
 stale K/V that cost accuracy are the suffix's, not the prompt's or the committed tokens' (docs/benchmarks.md
 2c); `suffix_tau` recomputes it only once the entropy mass committed since it was last computed reaches
-suffix_tau (confident commits barely move what the masks ahead read). Unset options take per-sampler
-defaults (ONE_TOKEN_DEFAULTS, PARALLEL_DEFAULTS: both the paper's rule, by measurement; the options are for
-long answers, where they let a cache go several times further at threshold decoding's accuracy).
+suffix_tau (confident commits barely move what the masks ahead read). Unset options take the defaults of the
+sampler and the answer's shape, chosen by measurement (docs/benchmarks.md 2c): ONE_TOKEN_DEFAULTS (the paper's
+rule), PARALLEL_DEFAULTS for threshold / factor decoding of a one-block answer (the mass budget),
+LONG_PARALLEL_DEFAULTS for an answer of several blocks (no full refresh; the suffix recomputed by entropy).
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ from dengine.trace import Decision
 
 class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
     """The paper's rule is signal "max", accumulate false, recent_steps 0, suffix false; an unset option
-    (None) takes ONE_TOKEN_DEFAULTS or, for threshold / factor decoding, PARALLEL_DEFAULTS."""
+    (None) takes ONE_TOKEN_DEFAULTS or, for threshold / factor decoding, PARALLEL_DEFAULTS (an answer of one
+    block) or LONG_PARALLEL_DEFAULTS (several blocks)."""
 
     # Calibrated by benchmarks/calibrate_entropy.py on the embedded models: one token per step on
     # llada-sudoku and dream-sudoku (task sudoku4, 200 held-out puzzles; docs/benchmarks.md section 2),
-    # threshold 0.9 on those and on llada-chain and dream-chain (sudoku-chain; the candidates' final
-    # comparison on 500 held-out of each of the four; section 2c).
-    # Rule: of the grid, the settings within 1 accuracy point of "none" in every run, the one with the
-    # least query tokens per forward summed over the runs (each relative to its "none"); ties within 5% go
+    # threshold 0.9 on those (one-block answers) and on llada-chain and dream-chain (sudoku-chain, answers
+    # of 8 blocks; the candidates' final comparison on 500 held-out of each of the four; section 2c).
+    # Rule, per sampler and answer shape: of the grid, the settings within 1 accuracy point of "none" in every
+    # run, the one with the least work summed over the runs (each relative to its "none"); ties within 5% go
     # to the most conservative (lowest tau, then largest k). Recalibrate for your own model and task.
     tau: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     k: Annotated[int, msgspec.Meta(ge=0)] | None = None
@@ -52,19 +54,27 @@ class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
     # with suffix: only once the entropy mass committed since the suffix was last computed reaches suffix_tau
     suffix_tau: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
 
-    def resolved(self, parallel: bool) -> "EntropyOptions":
-        """Every unset option filled with the sampler's default."""
-        defaults = PARALLEL_DEFAULTS if parallel else ONE_TOKEN_DEFAULTS
+    def resolved(self, parallel: bool, blocks: int = 1) -> "EntropyOptions":
+        """Every unset option filled with the default for the sampler and the answer's number of blocks."""
+        defaults = (LONG_PARALLEL_DEFAULTS if blocks > 1 else PARALLEL_DEFAULTS) if parallel else ONE_TOKEN_DEFAULTS
         return msgspec.structs.replace(self, **{name: value for name, value in defaults.items()
                                                 if getattr(self, name) is None})
 
 
 ONE_TOKEN_DEFAULTS = {"tau": 0.01, "k": 2, "signal": "max", "accumulate": False, "recent_steps": 0, "suffix": False,
                       "suffix_tau": 0.0}
-# Threshold / factor decoding: the joint rule over sudoku4 and sudoku-chain, both models, 500 held-out each
-# (docs/benchmarks.md 2c): the paper's rule too. The mass budget with recent commits and the suffix (tau 0.01,
-# k 8) kept accuracy as well at 7% more work; nothing with a larger tau keeps dream-sudoku within a point.
-PARALLEL_DEFAULTS = dict(ONE_TOKEN_DEFAULTS)
+# Threshold / factor decoding: the joint rule (within 1 point of "none" on every run, least summed work) over
+# threshold 0.9, 500 held-out each, both model families, applied per answer shape (docs/benchmarks.md 2c, end):
+# * an answer of one block (sudoku4): the mass budget at tau 0.5 with the last step's commits, within 0.8 / 1.0
+#   points of "none" at 61-66% of its rows x forwards (the paper's rule: 92-95%; tau 0.3: -0.4 at 69-74%). The
+#   prompt's K/V must follow the answer there: tau 1 loses 1.8-2.4 points.
+PARALLEL_DEFAULTS = {"tau": 0.5, "k": 8, "signal": "sum", "accumulate": True, "recent_steps": 1, "suffix": False,
+                     "suffix_tau": 0.0}
+# * an answer of several blocks (sudoku-chain): no full refresh after step 0; partial steps recompute the last
+#   step's commits and, once the entropy mass committed since reaches 0.3, every position after the block: within
+#   a point of "none" at 28-30% of its rows x forwards (17-20x less than one token a step without a cache).
+LONG_PARALLEL_DEFAULTS = {"tau": 1e9, "k": 8, "signal": "sum", "accumulate": True, "recent_steps": 1, "suffix": True,
+                          "suffix_tau": 0.3}
 
 
 def commit_entropies(probs: torch.Tensor) -> torch.Tensor:
@@ -111,7 +121,7 @@ class EntropyCache(CachePolicy):
         if outcome.positions.numel() == 0:
             return
         if self.effective is None:
-            self.effective = self.options.resolved(seq is not None and seq.params.parallel)
+            self.effective = self._resolved(seq)
         options = self.effective
         entropy = commit_entropies(outcome.probs)
         signal = step_entropy(entropy, options.signal)
@@ -133,8 +143,13 @@ class EntropyCache(CachePolicy):
             self.recent_steps.append(min(count, keep - total))
             total += self.recent_steps[-1]
 
+    def _resolved(self, seq) -> EntropyOptions:
+        if seq is None:
+            return self.options.resolved(parallel=False)
+        return self.options.resolved(seq.params.parallel, seq.params.num_blocks)
+
     def decision(self, seq) -> Decision:
-        options = self.effective or self.options.resolved(seq.params.parallel)
+        options = self.effective or self._resolved(seq)
         full, tau = self.plan(seq) is None, options.tau
         name = ("max entropy" if options.signal == "max" else "entropy mass") + (
             " since the last refresh" if options.accumulate else "")
