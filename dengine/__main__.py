@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     llm = LLM(args.model)
     config = llm.engine.config
     params = num_weights(llm.engine.model) / 1e6
-    defaults = EntropyOptions().resolved(parallel=False)
+    defaults = EntropyOptions().resolved()
     print(f"dengine main job: {args.model} ({config.model_type}-format, {params:.1f}M parameters, "
           f"{resolve_model(args.model)})\n"
           f"task {task.name}: {task.summary}; {args.n} held-out problems, one token per step, "

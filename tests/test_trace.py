@@ -81,7 +81,7 @@ def test_trace_is_true_to_the_run(folders, family, policy, config, seed):
         assert trace.steps[0].full and trace.steps[-1].block == trace.params.num_blocks - 1 or m.stopped_early
         if policy == "entropy":
             signals = [s.decision for s in trace.steps[:-1] if s.decision.signal is not None]
-            tau = EntropyOptions(**config).resolved(trace.params.parallel, trace.params.num_blocks).tau
+            tau = EntropyOptions(**config).resolved(trace.params).tau
             assert all(d.threshold == tau for d in signals)
             assert all(d.full for d in signals if d.signal > d.threshold)
         assert msgspec.json.decode(msgspec.json.encode(trace), type=Trace) == trace

@@ -54,9 +54,13 @@ class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
     # with suffix: only once the entropy mass committed since the suffix was last computed reaches suffix_tau
     suffix_tau: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
 
-    def resolved(self, parallel: bool, blocks: int = 1) -> "EntropyOptions":
-        """Every unset option filled with the default for the sampler and the answer's number of blocks."""
-        defaults = (LONG_PARALLEL_DEFAULTS if blocks > 1 else PARALLEL_DEFAULTS) if parallel else ONE_TOKEN_DEFAULTS
+    def resolved(self, params=None) -> "EntropyOptions":
+        """Every unset option filled with the default for the request's sampler and number of blocks (params, a
+        SamplingParams; None: one token per step)."""
+        if params is None or not params.parallel:
+            defaults = ONE_TOKEN_DEFAULTS
+        else:
+            defaults = LONG_PARALLEL_DEFAULTS if params.num_blocks > 1 else PARALLEL_DEFAULTS
         return msgspec.structs.replace(self, **{name: value for name, value in defaults.items()
                                                 if getattr(self, name) is None})
 
@@ -121,7 +125,7 @@ class EntropyCache(CachePolicy):
         if outcome.positions.numel() == 0:
             return
         if self.effective is None:
-            self.effective = self._resolved(seq)
+            self.effective = self.options.resolved(None if seq is None else seq.params)
         options = self.effective
         entropy = commit_entropies(outcome.probs)
         signal = step_entropy(entropy, options.signal)
@@ -143,13 +147,8 @@ class EntropyCache(CachePolicy):
             self.recent_steps.append(min(count, keep - total))
             total += self.recent_steps[-1]
 
-    def _resolved(self, seq) -> EntropyOptions:
-        if seq is None:
-            return self.options.resolved(parallel=False)
-        return self.options.resolved(seq.params.parallel, seq.params.num_blocks)
-
     def decision(self, seq) -> Decision:
-        options = self.effective or self._resolved(seq)
+        options = self.effective or self.options.resolved(seq.params)
         full, tau = self.plan(seq) is None, options.tau
         name = ("max entropy" if options.signal == "max" else "entropy mass") + (
             " since the last refresh" if options.accumulate else "")
