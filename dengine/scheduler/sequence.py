@@ -198,10 +198,6 @@ class Sequence:
             known = self.canvas[self.prompt_len :] != self.mask_id
             density = certainty_density(known, self.sigma)[candidates - self.prompt_len]
         outcome = self.decoder.step(candidates, rows, self.block_step, head_only, density)
-        if not full and self.policy.retry(self, outcome):
-            self.metrics.steps += 1
-            self.metrics.query_tokens += sum(q.query_positions.numel() for q in queries)
-            return StepOutcome(outcome.positions[:0], outcome.tokens[:0], outcome.probs[:0])
         self.canvas[outcome.positions] = outcome.tokens
         self._masked = None
         if self.uncond_canvas is not None:

@@ -81,10 +81,6 @@ class CachePolicy:
         each layer past the first recomputes); the other computed rows reuse their cached outputs."""
         raise NotImplementedError
 
-    def retry(self, seq: SequenceView, outcome: StepOutcome) -> bool:
-        """After a partial step, before its commits apply: True discards them and redoes the step in full."""
-        return False
-
     def observe(self, seq: SequenceView, outcome: StepOutcome, full: bool) -> None:
         """Learn from the step just applied (its commits and whether it was a full recompute)."""
 

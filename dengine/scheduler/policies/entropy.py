@@ -40,7 +40,8 @@ class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
     # Calibrated by benchmarks/calibrate_entropy.py on the embedded models: one token per step on
     # llada-sudoku and dream-sudoku (task sudoku4, 200 held-out puzzles; docs/benchmarks.md section 2),
     # threshold 0.9 on those (one-block answers) and on llada-chain and dream-chain (sudoku-chain, answers
-    # of 8 blocks; the candidates' final comparison on 500 held-out of each of the four; section 2c).
+    # of 8 blocks; the candidates' final comparison on 500 held-out of each chain model and 1000 of each Sudoku
+    # model; section 2c).
     # Rule, per sampler and answer shape: of the grid, the settings within 1 accuracy point of "none" in every
     # run, the one with the least work summed over the runs (each relative to its "none"); ties within 5% go
     # to the most conservative (lowest tau, then largest k). Recalibrate for your own model and task.
@@ -53,10 +54,6 @@ class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
     suffix: bool | None = None  # partial steps also recompute every position after the current block
     # with suffix: only once the entropy mass committed since the suffix was last computed reaches suffix_tau
     suffix_tau: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
-    retry_tau: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
-    retry_signal: Literal["max", "sum"] | None = None
-    prompt_tail: int | None = None
-    tail_tau: float | None = None
 
     def resolved(self, params=None) -> "EntropyOptions":
         """Every unset option filled with the default for the request's sampler and number of blocks (params, a
@@ -69,19 +66,20 @@ class EntropyOptions(msgspec.Struct, forbid_unknown_fields=True):
                                                 if getattr(self, name) is None})
 
 
-ONE_TOKEN_DEFAULTS = {"tail_tau": 0.0, "prompt_tail": 0, "retry_tau": 1e9, "retry_signal": "max", "tau": 0.01, "k": 2, "signal": "max", "accumulate": False, "recent_steps": 0, "suffix": False,
+ONE_TOKEN_DEFAULTS = {"tau": 0.01, "k": 2, "signal": "max", "accumulate": False, "recent_steps": 0, "suffix": False,
                       "suffix_tau": 0.0}
 # Threshold / factor decoding: the joint rule (within 1 point of "none" on every run, least summed work) over
-# threshold 0.9, 500 held-out each, both model families, applied per answer shape (docs/benchmarks.md 2c, end):
-# * an answer of one block (sudoku4): the mass budget at tau 0.5 with the last step's commits, within 0.8 / 1.0
-#   points of "none" at 61-66% of its rows x forwards (the paper's rule: 92-95%; tau 0.3: -0.4 at 69-74%). The
-#   prompt's K/V must follow the answer there: tau 1 loses 1.8-2.4 points.
-PARALLEL_DEFAULTS = {"tail_tau": 0.0, "prompt_tail": 0, "retry_tau": 1e9, "retry_signal": "max", "tau": 0.5, "k": 8, "signal": "sum", "accumulate": True, "recent_steps": 1, "suffix": False,
+# threshold 0.9, 500-1000 held-out each, both model families, applied per answer shape (docs/benchmarks.md 2c, end):
+# * an answer of one block (sudoku4, 1000 held-out each): the mass budget at tau 0.4 with the last step's commits,
+#   within 0.6 / 0.7 points of "none" at 65-70% of its rows x forwards (the paper's rule on 500: 92-95%; tau 0.5
+#   loses 1.1 on dream-sudoku's 1000; tau 0.3 6% more work). The prompt's K/V must follow the answer there: tau 1
+#   loses 1.8-2.4 points, never refreshing 2.6-10.4, and recomputing only the prompt's tail instead 1.2.
+PARALLEL_DEFAULTS = {"tau": 0.4, "k": 8, "signal": "sum", "accumulate": True, "recent_steps": 1, "suffix": False,
                      "suffix_tau": 0.0}
 # * an answer of several blocks (sudoku-chain): no full refresh after step 0; partial steps recompute the last
 #   step's commits and, once the entropy mass committed since reaches 0.3, every position after the block: within
 #   a point of "none" at 28-30% of its rows x forwards (17-20x less than one token a step without a cache).
-LONG_PARALLEL_DEFAULTS = {"tail_tau": 0.0, "prompt_tail": 0, "retry_tau": 1e9, "retry_signal": "max", "tau": 1e9, "k": 8, "signal": "sum", "accumulate": True, "recent_steps": 1, "suffix": True,
+LONG_PARALLEL_DEFAULTS = {"tau": 1e9, "k": 8, "signal": "sum", "accumulate": True, "recent_steps": 1, "suffix": True,
                           "suffix_tau": 0.3}
 
 
@@ -115,8 +113,6 @@ class EntropyCache(CachePolicy):
         self.recent_steps: list[int] = []  # commits per step in self.recent, newest first
         self.suffix_stale = 0.0  # entropy mass committed since the suffix was last computed
         self.refresh_suffix = True  # whether the next partial step computes the suffix
-        self.tail_stale = 0.0
-        self.refresh_tail = True
 
     def plan(self, seq) -> torch.Tensor | None:
         if self.needs_full_recompute or (self.options.refresh_on_block_start and seq.block_step == 0):
@@ -125,19 +121,7 @@ class EntropyCache(CachePolicy):
         suffix = self.effective.suffix and self.refresh_suffix  # (effective: set by the first observe)
         if suffix and seq.block_end < seq.num_tokens:
             parts.append(torch.arange(seq.block_end, seq.num_tokens))
-        if self.effective.prompt_tail and self.refresh_tail:
-            parts.append(torch.arange(max(0, seq.prompt_len - self.effective.prompt_tail), seq.prompt_len))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def retry(self, seq, outcome) -> bool:
-        if outcome.positions.numel() == 0:
-            return False
-        if self.effective is None:
-            self.effective = self.options.resolved(None if seq is None else seq.params)
-        if step_entropy(commit_entropies(outcome.probs), self.effective.retry_signal) > self.effective.retry_tau:
-            self.needs_full_recompute = True
-            return True
-        return False
 
     def observe(self, seq, outcome, full: bool) -> None:
         if outcome.positions.numel() == 0:
@@ -155,10 +139,6 @@ class EntropyCache(CachePolicy):
             stale = 0.0 if full or self.refresh_suffix else self.suffix_stale  # did the step just run compute it
             self.suffix_stale = stale + step_entropy(entropy, "sum")
             self.refresh_suffix = self.suffix_stale >= options.suffix_tau
-        if options.prompt_tail and options.tail_tau:
-            stale = 0.0 if full or self.refresh_tail else self.tail_stale
-            self.tail_stale = stale + step_entropy(entropy, "sum")
-            self.refresh_tail = self.tail_stale >= options.tail_tau
         counts = [outcome.positions.numel(), *self.recent_steps]
         keep = max(options.k, sum(counts[: options.recent_steps]))
         self.recent = torch.cat([outcome.positions, self.recent])[:keep]
