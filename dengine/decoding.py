@@ -183,7 +183,10 @@ class Decoder:
             logits[:, self.eos] = -torch.inf
         if p.temperature > 0:
             noise = torch.rand(logits.shape, dtype=torch.float64, generator=self.generator)
-            tokens = (logits.double().exp() / (-noise.log()) ** p.temperature).argmax(-1)
+            scores = logits.double().exp() / (-noise.log()) ** p.temperature
+            # An excluded token (-inf logit: MASK, EOS under logits_eos_inf) scores 0 / x, which is NaN once its
+            # noise term underflows to 0 at a high temperature (u > 0.9994 at 100), and NaN wins argmax.
+            tokens = scores.masked_fill(logits.isneginf(), -1.0).argmax(-1)
         else:
             tokens = logits.argmax(-1)
         probs = self._llada_distribution(logits)

@@ -237,3 +237,27 @@ def test_confidence_eos_eot_inf_never_commits_eos_or_eot_first():
     decoder.start_block(3)
     outcome = decoder.step(candidates, logits, block_step=2, head_only=False)
     assert eos not in outcome.tokens.tolist() and outcome.positions.tolist() == [21]
+
+
+def test_hot_llada_sampling_never_draws_an_excluded_token(seed):
+    """At the highest temperature a -inf token's Gumbel score is 0 / 0 = NaN whenever its noise term underflows;
+    NaN must not win the draw (it committed MASK, a position then committed twice)."""
+    from dengine.decoding import Decoder
+    from dengine.sampling_params import MAX_TEMPERATURE
+
+    vocab, mask, eos = 12, 10, 11
+    logits = torch.randn((1, vocab), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    params = SamplingParams(gen_length=1, steps=1, temperature=MAX_TEMPERATURE, logits_eos_inf=True)
+    underflowing = []
+    for stream in range(seed % 1000, seed % 1000 + 200_000):  # seeds whose noise sends MASK's or EOS's term to 0
+        noise = torch.rand((1, vocab), dtype=torch.float64, generator=torch.Generator().manual_seed(stream))
+        if ((-noise[0, [mask, eos]].log()) ** MAX_TEMPERATURE == 0).any():
+            underflowing.append(stream)
+            if len(underflowing) == 3:
+                break
+    assert len(underflowing) == 3
+    for stream in underflowing:
+        decoder = Decoder(params, "llada", mask, eos, None, torch.Generator().manual_seed(stream))
+        decoder.start_block(1)
+        outcome = decoder.step(torch.tensor([5]), logits, block_step=0, head_only=False)
+        assert outcome.tokens.item() not in (mask, eos)
