@@ -186,7 +186,7 @@ class Decoder:
             scores = logits.double().exp() / (-noise.log()) ** p.temperature
             # An excluded token (-inf logit: MASK, EOS under logits_eos_inf) scores 0 / x, which is NaN once its
             # noise term underflows to 0 at a high temperature (u > 0.9994 at 100), and NaN wins argmax.
-            tokens = scores.masked_fill(logits.isneginf(), -1.0).argmax(-1)
+            tokens = scores.masked_fill_(logits.isneginf(), -1.0).argmax(-1)
         else:
             tokens = logits.argmax(-1)
         probs = self._llada_distribution(logits)
