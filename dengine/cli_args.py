@@ -1,4 +1,4 @@
-"""What every command's parser shares: help that ends with each option's default, positive counts."""
+"""What every command's parser shares: help that ends with each option's default, positive counts, offsets."""
 
 from __future__ import annotations
 
@@ -17,12 +17,21 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (counts, concurrencies, sizes)."""
+def _int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (counts, concurrencies, sizes)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0 (offsets)."""
+    return _int_at_least(text, 0)

@@ -9,6 +9,7 @@ import pytest
 from scripts import load_script
 
 from dengine.bench import accuracy
+from dengine.tasks import get_task
 from dengine.training import train
 
 TINY = ["--steps", "2", "--warmup", "1", "--batch-size", "2", "--hidden", "32", "--layers", "1", "--heads", "2",
@@ -42,6 +43,18 @@ def test_accuracy_harness_reports_every_policy(tiny_models, family, tmp_path, ca
     assert [line.split(":")[0] for line in progress] == ["policy 1/3 none", 'policy 2/3 entropy {"tau"',
                                                          "policy 3/3 dual"], progress
 
+
+def test_accuracy_skip_starts_after_the_first_held_out_problems(tiny_models, tmp_path, capsys):
+    out = tmp_path / "fresh.json"
+    accuracy.main(["--model", str(tiny_models / "llada"), "--skip", "3", "--n", "2", "--gen-length", "64",
+                   "--block-length", "32", "--policies", "none", "--json", str(out), "--no-tqdm", "--dtype", "float32"])
+    record = json.loads(out.read_text())
+    expected = get_task(record["task"]).held_out(5)[3:]
+    assert record["skip"] == 3 and record["results"][0]["n"] == 2
+    assert [s["question"] for s in record["results"][0]["samples"]] == [p.question for p in expected]
+    with pytest.raises(SystemExit):
+        accuracy.main(["--model", str(tmp_path / "absent"), "--skip", "-1"])
+    assert "must be at least 0" in capsys.readouterr().err
 
 
 def test_accuracy_takes_a_fixed_count_per_step_and_refuses_bad_mixes(tiny_models, tmp_path, capsys):

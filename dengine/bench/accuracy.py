@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from dengine.assets import resolve_model
 from dengine.bench.report import QuietCheck, run_record, write_report
-from dengine.cli_args import DefaultsHelpFormatter, positive_int
+from dengine.cli_args import DefaultsHelpFormatter, nonnegative_int, positive_int
 from dengine.llm import LLM
 from dengine.outputs import RequestOutput
 from dengine.sampling_params import SamplingParams
@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policies", nargs="+", default=["none", "entropy", "dual"],
                         help='policies in order, the first is the baseline; options as \'entropy:{"tau":0.5}\'')
     parser.add_argument("--n", type=positive_int, default=500, help="held-out problems")
+    parser.add_argument("--skip", type=nonnegative_int, default=0,
+                        help="start after the first SKIP held-out problems: a fresh set for a setting chosen on them "
+                             "(the training streams exclude only the first 500)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="max_num_seqs (1 = one request at a time)")
     add_task_arguments(parser)
     parser.add_argument("--steps", type=int, default=None,
@@ -187,14 +190,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     check = QuietCheck()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.batch_size)
-    problems = task.held_out(args.n)
+    problems = task.held_out(args.skip + args.n)[args.skip:]
     results = compare(llm, problems, base, [parse_policy(p) for p in args.policies], not args.no_tqdm)
     markdown = markdown_table(results)
     record = run_record(
         "python -m dengine.bench.accuracy", argv, check, model=str(args.model), task=task.name,
         sampler={f: getattr(base, f) for f in ("gen_length", "block_length", "steps", "threshold", "tokens_per_step",
                                                "stop_at_eos")},
-        batch_size=args.batch_size, results=[asdict(r) for r in results],
+        batch_size=args.batch_size, skip=args.skip, results=[asdict(r) for r in results],
     )
     print(markdown)
     write_report(args.out, record, markdown)
