@@ -69,6 +69,7 @@ def test_accuracy_takes_a_fixed_count_per_step_and_refuses_bad_mixes(tiny_models
                            *bad])
         assert "tokens_per_step" in capsys.readouterr().err
 
+
 def test_calibration_script_picks_a_setting(tiny_models, tmp_path, capsys):
     module = load_script("benchmarks/calibrate_entropy.py")
     module.main(["--model", str(tiny_models / "llada"), "--n", "3", "--taus", "0", "1e9", "--ks", "2",
